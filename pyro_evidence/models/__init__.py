@@ -1,0 +1,12 @@
+"""Reference Pyro models whose priors take their hyperparameters from ``pyro.param``."""
+
+from .linear import linear_regression
+from .logistic import logistic_regression
+from .polynomial import polynomial_features, polynomial_regression
+
+__all__ = [
+    "linear_regression",
+    "logistic_regression",
+    "polynomial_features",
+    "polynomial_regression",
+]

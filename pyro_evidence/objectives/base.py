@@ -1,0 +1,48 @@
+"""The contract between objectives and hypergradient methods: ``L(θ, h)`` and ``Q(θ, h)``."""
+
+from __future__ import annotations
+
+import torch
+
+from ..optim import Minimum, minimize
+from ..problem import Problem
+
+__all__ = ["Objective"]
+
+
+class Objective:
+    """
+    A bilevel problem over a :class:`~pyro_evidence.problem.Problem`:
+    ``θ*(h) = argmin_θ L(θ, h)`` and ``h* = argmax_h Q(θ*(h), h)``.
+
+    Subclasses define :meth:`inner_loss` and :meth:`validation` as pure functions of flat
+    tensors; a hypergradient method sees nothing else, so any method serves any objective.
+    """
+
+    name: str = ""
+
+    def __init__(self, problem: Problem, *, max_iter: int = 500, tol: float | None = None):
+        self.problem = problem
+        self.max_iter, self.tol = max_iter, tol
+
+    @property
+    def theta_init(self) -> torch.Tensor:
+        return self.problem.theta_init
+
+    @property
+    def h_init(self) -> torch.Tensor:
+        return self.problem.h_init
+
+    def inner_loss(self, theta, h):
+        raise NotImplementedError
+
+    def validation(self, theta, h):
+        raise NotImplementedError
+
+    def solve(self, h, theta0=None) -> Minimum:
+        """The inner minimiser ``θ*(h)``, warm-started from ``theta0``."""
+        theta0 = self.theta_init if theta0 is None else theta0
+        h = h.detach()
+        return minimize(
+            lambda theta: self.inner_loss(theta, h), theta0, max_iter=self.max_iter, tol=self.tol
+        )

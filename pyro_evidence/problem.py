@@ -1,0 +1,389 @@
+"""
+A Pyro model plus its data, seen as pure functions of two flat vectors.
+
+``θ`` (``theta``) stacks the continuous latent sample sites of the model, each mapped to
+unconstrained space by ``biject_to(site.support)``; ``h`` stacks the hyperparameters, the
+``pyro.param`` sites of the model, each mapped to unconstrained space by ``biject_to`` of its
+constraint (a positive parameter is optimised as its logarithm). The log joint in
+unconstrained space is
+
+.. math::
+
+    \\log p(y, w \\mid h) = \\sum_{\\text{sites}} \\log p(\\text{site} \\mid \\ldots)
+        + \\sum_{\\text{latents}} \\log \\left| \\det \\frac{\\partial w}{\\partial \\theta} \\right|,
+
+and every function of :class:`Problem` that takes ``(theta, h)`` is pure, so it can be used under
+``torch.func.grad``, ``jvp``, ``vjp``, ``hessian`` and ``vmap``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import pyro
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to, constraints
+
+__all__ = ["Problem", "LatentSite", "HyperSite", "prepare_data"]
+
+
+@dataclass(frozen=True)
+class LatentSite:
+    """A continuous latent sample site and where it lives in ``θ``."""
+
+    name: str
+    shape: torch.Size  # constrained shape
+    unconstrained_shape: torch.Size
+    offset: int
+    numel: int
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.numel)
+
+
+@dataclass(frozen=True)
+class HyperSite:
+    """A ``pyro.param`` site of the model that is optimised as a hyperparameter."""
+
+    name: str
+    shape: torch.Size
+    constraint: constraints.Constraint
+    offset: int
+    numel: int
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.numel)
+
+    @property
+    def transform(self):
+        return biject_to(self.constraint)
+
+
+def _is_floating(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def prepare_data(args: Iterable, dtype=None, device=None):
+    """
+    Checks the positional data of a model and brings it to one floating dtype and device.
+
+    Positional arguments are the data: tensors (or arrays) sharing their first dimension ``N``,
+    or ``None``. The dtype and device are those of the first floating tensor unless given.
+
+    :returns: ``(args, dtype, device)``
+    """
+    out = []
+    for i, a in enumerate(args):
+        if a is None:
+            out.append(a)
+            continue
+        if not isinstance(a, torch.Tensor):
+            try:
+                a = torch.as_tensor(a)
+            except Exception as e:  # noqa: BLE001 - anything not convertible is a type error
+                raise TypeError(
+                    f"positional argument {i} must be a tensor or array of data, "
+                    f"got {type(a).__name__}; pass other model arguments in model_kwargs="
+                ) from e
+        if a.dim() == 0:
+            raise ValueError(
+                f"positional argument {i} is a scalar; positional arguments are data with a "
+                "first dimension N (pass other model arguments in model_kwargs=)"
+            )
+        if a.is_floating_point() and not torch.isfinite(a).all():
+            raise ValueError(f"positional argument {i} contains NaN or inf")
+        out.append(a)
+    tensors = [a for a in out if a is not None]
+    if not tensors:
+        raise ValueError("the model needs at least one positional data tensor")
+    sizes = {a.shape[0] for a in tensors}
+    if len(sizes) > 1:
+        shapes = ", ".join(
+            f"argument {i}: {tuple(a.shape)}" for i, a in enumerate(out) if a is not None
+        )
+        raise ValueError(
+            f"positional data must share the first dimension N (observations); got {shapes}"
+        )
+    floating = [a for a in tensors if a.is_floating_point()]
+    if dtype is None:
+        dtype = floating[0].dtype if floating else torch.get_default_dtype()
+    if device is None:
+        device = (floating or tensors)[0].device
+    out = [
+        None
+        if a is None
+        else a.to(device=device, dtype=dtype)
+        if a.is_floating_point()
+        else a.to(device=device)
+        for a in out
+    ]
+    return tuple(out), dtype, torch.device(device)
+
+
+def _initial_value(fn):
+    """The prior mean where it exists and lies in the support, else the image of zero under
+    ``biject_to(support)``: deterministic, and defined for improper priors too."""
+    try:
+        value = fn.mean.detach()
+        if torch.isfinite(value).all() and bool(fn.support.check(value).all()):
+            return value
+    except (NotImplementedError, ValueError, AttributeError):
+        pass
+    transform = biject_to(fn.support)
+    return transform(torch.zeros(transform.inverse_shape(fn.shape()))).detach()
+
+
+class _Discover(Messenger):
+    """First run of a model: initialises its params, records latent sites, casts to the data's
+    dtype and device so that ``pyro.param("a", torch.tensor(1.0))`` works with float64 data."""
+
+    def __init__(self, dtype, device):
+        super().__init__()
+        self.dtype, self.device = dtype, device
+
+    def _cast(self, value):
+        if _is_floating(value):
+            return value.to(device=self.device, dtype=self.dtype)
+        return value
+
+    def _pyro_sample(self, msg):
+        if not _is_latent(msg):
+            return
+        fn = msg["fn"]
+        if fn.support.is_discrete:
+            raise TypeError(
+                f"latent site '{msg['name']}' is discrete ({type(fn).__name__}); "
+                "only continuous latent sites can be integrated by a Laplace approximation or "
+                "a Gaussian guide (marginalise it out, or observe it)"
+            )
+        if msg["value"] is None:
+            msg["value"] = self._cast(_initial_value(fn))
+
+    def _pyro_post_sample(self, msg):
+        msg["value"] = self._cast(msg["value"])
+
+    def _pyro_post_param(self, msg):
+        msg["value"] = self._cast(msg["value"])
+
+
+class _Substitute(Messenger):
+    """Puts ``θ`` (unconstrained) into the latent sites and ``h`` (constrained values) into the
+    param sites, accumulating the log-Jacobian of each latent's transform."""
+
+    def __init__(self, latents: dict, theta, params: dict, dtype, device):
+        super().__init__()
+        self.latents, self.theta, self.params = latents, theta, params
+        self.dtype, self.device = dtype, device
+        self.log_jacobian = 0.0
+
+    def _pyro_sample(self, msg):
+        site = self.latents.get(msg["name"])
+        if site is None or msg["is_observed"]:
+            return
+        u = self.theta[..., site.slice].reshape(self.theta.shape[:-1] + site.unconstrained_shape)
+        transform = biject_to(msg["fn"].support)
+        value = transform(u)
+        self.log_jacobian = self.log_jacobian + transform.log_abs_det_jacobian(u, value).sum()
+        msg["value"] = value
+
+    def _pyro_param(self, msg):
+        if msg["name"] in self.params:
+            msg["value"] = self.params[msg["name"]]
+            msg["done"] = True
+
+    def _pyro_post_param(self, msg):
+        # Params that are not hyperparameters are constants here, not leaves of the user's graph.
+        v = msg["value"]
+        if msg["name"] not in self.params and _is_floating(v):
+            msg["value"] = v.detach().to(device=self.device, dtype=self.dtype)
+
+
+def _is_latent(site) -> bool:
+    return not (
+        site["is_observed"]
+        or site_is_subsample(site)
+        or (site.get("infer") or {}).get("is_auxiliary", False)
+    )
+
+
+def _site_log_prob(site):
+    lp = site["fn"].log_prob(site["value"])
+    return scale_and_mask(lp, site["scale"], site["mask"])
+
+
+class Problem:
+    """
+    Functional view of a Pyro model on its data.
+
+    :param callable model: a Pyro model whose positional arguments are the data.
+    :param args: the data, tensors sharing their first dimension ``N``.
+    :param dict model_kwargs: keyword arguments for the model (never split or cast).
+    :param hyperparameters: names of the ``pyro.param`` sites to treat as hyperparameters
+        ``h``; all param sites of the model when ``None``. The rest stay fixed at their
+        param-store values.
+    :param bool require_hyperparameters: raise if the model has no ``pyro.param`` site.
+
+    Attributes: ``latents`` and ``hypers`` (site descriptions), ``theta_init`` and ``h_init``
+    (flat tensors on the data's device and dtype), ``dtype``, ``device``, ``args``.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *args,
+        model_kwargs: dict | None = None,
+        hyperparameters: Iterable[str] | None = None,
+        require_hyperparameters: bool = False,
+    ):
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if model_kwargs is not None and not isinstance(model_kwargs, dict):
+            raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
+        self.model = model
+        self.model_kwargs = dict(model_kwargs or {})
+        self.args, self.dtype, self.device = prepare_data(args)
+        if isinstance(hyperparameters, str):
+            hyperparameters = [hyperparameters]
+
+        # The first run initialises the param store outside any torch.func transform (the store
+        # calls requires_grad_) and keeps Pyro's validation on so bad models get its messages.
+        discover = _Discover(self.dtype, self.device)
+        with pyro.validation_enabled(True), discover:
+            trace = pyro.poutine.trace(self.model).get_trace(*self.args, **self.model_kwargs)
+
+        latents, offset, theta_init = [], 0, []
+        params = {}
+        for name, site in trace.nodes.items():
+            if site["type"] == "param":
+                params[name] = site["value"]
+            if site["type"] != "sample" or not _is_latent(site):
+                continue
+            transform = biject_to(site["fn"].support)
+            shape = site["value"].shape
+            ushape = transform.inverse_shape(shape)
+            numel = math.prod(ushape)
+            latents.append(LatentSite(name, shape, torch.Size(ushape), offset, numel))
+            theta_init.append(transform.inv(site["value"].detach()).reshape(-1))
+            offset += numel
+        self.latents = tuple(latents)
+        self._latent_by_name = {s.name: s for s in latents}
+        self.theta_init = (
+            torch.cat(theta_init) if theta_init else torch.zeros(0, dtype=self.dtype, device=self.device)
+        )
+
+        if hyperparameters is None:
+            names = list(params)
+        else:
+            names = list(hyperparameters)
+            unknown = [n for n in names if n not in params]
+            if unknown:
+                raise ValueError(
+                    f"unknown hyperparameter {unknown[0]!r}: the model's pyro.param sites are "
+                    f"{sorted(params)}"
+                )
+        if require_hyperparameters and not names:
+            raise ValueError(
+                "the model has no pyro.param site to select: hyperparameters are the "
+                "pyro.param sites of the model, e.g. "
+                "pyro.param('prior_precision', torch.tensor(1.0), constraint=constraints.positive)"
+            )
+        store_constraints = pyro.get_param_store().get_state()["constraints"]
+        hypers, offset, h_init = [], 0, []
+        for name in names:
+            value = params[name].detach()
+            if not value.is_floating_point():
+                raise TypeError(f"hyperparameter {name!r} must be a floating tensor")
+            constraint = store_constraints.get(name, constraints.real)
+            numel = value.numel()
+            hypers.append(HyperSite(name, value.shape, constraint, offset, numel))
+            h_init.append(biject_to(constraint).inv(value).reshape(-1))
+            offset += numel
+        self.hypers = tuple(hypers)
+        self.h_init = (
+            torch.cat(h_init) if h_init else torch.zeros(0, dtype=self.dtype, device=self.device)
+        )
+        self.observed = tuple(
+            name
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and site["is_observed"]
+        )
+
+    # --- sizes -------------------------------------------------------------------------------
+    @property
+    def theta_dim(self) -> int:
+        return self.theta_init.numel()
+
+    @property
+    def h_dim(self) -> int:
+        return self.h_init.numel()
+
+    @property
+    def num_data(self) -> int:
+        return next(a for a in self.args if a is not None).shape[0]
+
+    # --- h ↔ constrained values -----------------------------------------------------------
+    def params(self, h) -> dict:
+        """Constrained hyperparameter values ``{name: tensor}`` of an unconstrained ``h``."""
+        return {
+            s.name: s.transform(h[..., s.slice].reshape(h.shape[:-1] + s.shape))
+            for s in self.hypers
+        }
+
+    def unconstrain(self, values: dict):
+        """Flat unconstrained ``h`` of constrained values ``{name: value}`` (missing names keep
+        ``h_init``)."""
+        h = self.h_init.clone()
+        for s in self.hypers:
+            if s.name in values:
+                v = torch.as_tensor(values[s.name], dtype=self.dtype, device=self.device)
+                h[s.slice] = s.transform.inv(v.expand(s.shape)).reshape(-1)
+        return h
+
+    def write_params(self, h) -> None:
+        """Writes the constrained hyperparameters of ``h`` into Pyro's param store, in the dtype
+        and device each param had there."""
+        store = pyro.get_param_store()
+        for name, value in self.params(h.detach()).items():
+            old = store[name] if name in store else value
+            store[name] = value.to(dtype=old.dtype, device=old.device)
+
+    # --- the functional model ----------------------------------------------------------------
+    def trace(self, theta, h, args=None):
+        """Runs the model with ``θ`` and ``h`` substituted. Returns ``(trace, log_jacobian)``."""
+        sub = _Substitute(self._latent_by_name, theta, self.params(h), self.dtype, self.device)
+        args = self.args if args is None else args
+        # Pyro's NaN-warning hooks are data-dependent control flow, which torch.func rejects.
+        with pyro.validation_enabled(False), sub:
+            trace = pyro.poutine.trace(self.model).get_trace(*args, **self.model_kwargs)
+        return trace, sub.log_jacobian
+
+    def log_joint(self, theta, h, args=None):
+        """``log p(y, w(θ) | h) + log|det ∂w/∂θ|`` — the unnormalised log posterior density of
+        ``θ`` in unconstrained space."""
+        trace, log_jacobian = self.trace(theta, h, args)
+        total = log_jacobian
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                total = total + _site_log_prob(site).sum()
+        return total
+
+    def loss(self, theta, h):
+        """The inner loss ``L(θ, h) = −log p(y, w(θ) | h)`` (Jacobian included)."""
+        return -self.log_joint(theta, h)
+
+    def log_likelihood(self, theta, h, args=None) -> dict:
+        """Pointwise log-likelihood of each observed site, ``{name: tensor}``."""
+        trace, _ = self.trace(theta, h, args)
+        return {name: _site_log_prob(trace.nodes[name]) for name in self.observed}
+
+    def latent_values(self, theta, h) -> dict:
+        """Constrained values ``{site: tensor}`` of the latents at ``θ``."""
+        trace, _ = self.trace(theta, h)
+        return {s.name: trace.nodes[s.name]["value"] for s in self.latents}

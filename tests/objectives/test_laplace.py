@@ -1,0 +1,132 @@
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from scipy import integrate
+from torch.distributions import constraints
+
+from pyro_evidence import NotPositiveDefiniteError, laplace_evidence
+from pyro_evidence.datasets import diabetes
+from pyro_evidence.models import linear_regression
+
+from ..common import LOG_2PI, assert_close, linear_gaussian_log_evidence, linear_gaussian_posterior
+
+
+def set_params(**values):
+    for name, value in values.items():
+        pyro.param(name, torch.as_tensor(value, dtype=torch.float64), constraint=constraints.positive)
+
+
+@pytest.mark.parametrize(
+    "alpha, beta",
+    [
+        (0.1, 1.0),
+        (1.0, 2.0),
+        (30.0, 2.02),
+        (torch.linspace(0.1, 10.0, 10), 1.5),
+        (torch.logspace(-2, 3, 10), 0.5),
+    ],
+    ids=["shared-0.1", "shared-1", "shared-30", "ard-linear", "ard-log"],
+)
+def test_linear_gaussian_evidence_is_exact(alpha, beta):
+    X, y = diabetes()
+    set_params(prior_precision=alpha, noise_precision=beta)
+    ard = isinstance(alpha, torch.Tensor)
+    r = laplace_evidence(linear_regression, X, y, model_kwargs={"ard": ard})
+    assert r.converged
+    assert r.grad_norm < 1e-9
+    assert_close(r.log_evidence, linear_gaussian_log_evidence(X, y, alpha, beta), rtol=1e-8)
+    mean, cov = linear_gaussian_posterior(X, y, alpha, beta)
+    assert_close(r.map["w"], mean, rtol=1e-8, atol=1e-10)
+    posterior = r.posterior()
+    assert_close(posterior.mean, mean, rtol=1e-8, atol=1e-10)
+    assert_close(posterior.covariance_matrix, cov, rtol=1e-8, atol=1e-12)
+    assert_close(r.log_det, torch.logdet(torch.linalg.inv(cov)), rtol=1e-10)
+
+
+def test_warm_start_and_its_shape_check():
+    X, y = diabetes()
+    first = laplace_evidence(linear_regression, X, y)
+    again = laplace_evidence(linear_regression, X, y, theta_init=first.theta)
+    assert_close(again.log_evidence, first.log_evidence, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"theta_init has shape \(3,\)"):
+        laplace_evidence(linear_regression, X, y, theta_init=torch.zeros(3))
+
+
+# A positive latent scale σ with an Exponential(rate) prior; the data put its posterior near 10,
+# so the log-Jacobian of σ = exp(s) (≈ log 10 nats) would show if it were missing.
+def scale_model(y):
+    rate = pyro.param("rate", torch.tensor(0.05), constraint=constraints.positive)
+    sigma = pyro.sample("sigma", dist.Exponential(rate))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(0.0, sigma), obs=y)
+
+
+def log_joint_in_log_space(s, y, rate):
+    """f(s) = log Exp(e^s | rate) + s + Σ log N(y | 0, e^{2s}), written out by hand."""
+    n, S = len(y), float((y**2).sum())
+    return math.log(rate) - rate * math.exp(s) + s - n * s - 0.5 * S * math.exp(-2 * s) - 0.5 * n * LOG_2PI
+
+
+def hand_laplace(y, rate):
+    n, S = len(y), float((y**2).sum())
+    s = math.log(math.sqrt(S / n))
+    for _ in range(100):  # Newton on f'(s) = −rate e^s + 1 − n + S e^{−2s}
+        d1 = -rate * math.exp(s) + 1 - n + S * math.exp(-2 * s)
+        d2 = -rate * math.exp(s) - 2 * S * math.exp(-2 * s)
+        s -= d1 / d2
+    d2 = -rate * math.exp(s) - 2 * S * math.exp(-2 * s)
+    return log_joint_in_log_space(s, y, rate) + 0.5 * LOG_2PI - 0.5 * math.log(-d2), s, -d2
+
+
+@pytest.mark.parametrize("n", [20, 400])
+def test_positive_latent_includes_log_jacobian(n):
+    y = 10.0 * torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    r = laplace_evidence(scale_model, y)
+    rate = float(pyro.param("rate").detach())
+    expected, s_hat, curvature = hand_laplace(y, rate)
+    assert 5 < math.exp(s_hat) < 20
+    assert_close(r.log_evidence, expected, rtol=1e-8)
+    assert_close(r.map["sigma"], math.exp(s_hat), rtol=1e-8)
+    assert_close(r.hessian, [[curvature]], rtol=1e-8)
+
+    if n == 400:  # large enough for Laplace to be accurate: compare with 1-D quadrature
+        width = 12 / math.sqrt(curvature)
+        f_hat = log_joint_in_log_space(s_hat, y, rate)
+        integral, _ = integrate.quad(
+            lambda s: math.exp(log_joint_in_log_space(s, y, rate) - f_hat),
+            s_hat - width,
+            s_hat + width,
+            epsabs=0,
+            epsrel=1e-12,
+        )
+        exact = f_hat + math.log(integral)
+        assert abs(math.expm1(float(r.log_evidence) - exact)) < 0.01
+
+
+# --- a Hessian that is not positive definite ---------------------------------------------
+
+
+def flat_model(y):
+    noise = pyro.param("noise", torch.tensor(1.0), constraint=constraints.positive)
+    w = pyro.sample("w", dist.ImproperUniform(constraints.real, (), (2,)))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(w[0], noise), obs=y)  # nothing identifies w[1]
+
+
+def test_singular_hessian_is_a_clear_error_and_jitter_repairs_it():
+    y = torch.randn(10, dtype=torch.float64)
+    with pytest.raises(NotPositiveDefiniteError, match="not positive definite.*jitter="):
+        laplace_evidence(flat_model, y)
+    r = laplace_evidence(flat_model, y, jitter=1e-6)
+    assert r.jitter == 1e-6
+    assert torch.isfinite(r.log_evidence)
+    assert_close(torch.linalg.eigvalsh(r.hessian).min(), 1e-6, rtol=1e-6)
+
+
+def test_negative_jitter_is_refused():
+    X, y = diabetes()
+    with pytest.raises(ValueError, match="jitter must be >= 0"):
+        laplace_evidence(linear_regression, X, y, jitter=-1.0)

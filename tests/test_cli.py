@@ -1,0 +1,57 @@
+import io
+import subprocess
+import sys
+
+import pytest
+
+from pyro_evidence.cli import demo, main
+
+from .common import assert_close, linear_gaussian_log_evidence
+
+
+def test_demo_table_is_the_exact_evidence(tmp_path):
+    out = io.StringIO()
+    png = tmp_path / "demo.png"
+    rows = demo(max_degree=4, output=str(png), progress=False, out=out)
+    text = out.getvalue()
+    assert "log evidence" in text and "← best" in text
+    assert [r["degree"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all(r["converged"] for r in rows)
+    assert all(0 < r["prior_precision"] < 1e3 for r in rows)  # well posed, degree 0 included
+    pytest.importorskip("matplotlib")
+    assert png.stat().st_size > 10_000
+
+    import torch
+
+    from pyro_evidence.datasets import sin_data
+    from pyro_evidence.models import polynomial_features
+
+    x, y = sin_data()
+    for r in rows:
+        phi = polynomial_features(2 * x - 1, r["degree"])
+        expected = linear_gaussian_log_evidence(phi, y, r["prior_precision"], r["noise_precision"])
+        assert_close(r["log_evidence"], expected, rtol=1e-8)
+    best = max(rows, key=lambda r: r["log_evidence"])
+    assert best["degree"] >= 3
+    del torch
+
+
+def test_console_script_entry_point(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pyro_evidence.cli", "demo", "--max-degree", "2", "--output", ""],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "selected degree" in result.stdout
+
+
+def test_cuda_refused_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit):
+        main(["demo", "--device", "cuda"])

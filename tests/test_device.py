@@ -1,0 +1,50 @@
+"""Results follow the data's device and dtype (the CUDA cases run where CUDA is available)."""
+
+import pyro
+import torch
+
+from pyro_evidence import Problem, laplace_evidence, select_hyperparameters
+from pyro_evidence.datasets import diabetes
+from pyro_evidence.models import linear_regression, logistic_regression
+
+from .common import assert_close
+
+
+def on(device, result_tensors):
+    return all(t.device.type == device.type for t in result_tensors)
+
+
+def test_laplace_evidence_follows_device_and_matches_cpu(device):
+    X, y = diabetes(device=device)
+    r = laplace_evidence(linear_regression, X, y, model_kwargs={"ard": True})
+    assert on(device, [r.log_evidence, r.hessian, r.log_det, r.theta, r.map["w"]])
+    assert r.log_evidence.dtype == torch.float64
+    pyro.clear_param_store()
+    ref = laplace_evidence(linear_regression, *diabetes(), model_kwargs={"ard": True})
+    assert_close(r.log_evidence, ref.log_evidence, rtol=1e-10)
+    assert_close(r.map["w"], ref.map["w"], rtol=1e-8, atol=1e-12)
+
+
+def test_selection_follows_device_and_matches_cpu(device):
+    X, y = diabetes(device=device)
+    sel = select_hyperparameters(linear_regression, X, y, progress=False)
+    assert on(device, [sel.objective, sel.theta, sel.h, *sel.hyperparameters.values()])
+    # the param store keeps the device its params were created on (the user's CPU tensors)
+    assert pyro.param("prior_precision").device.type == "cpu"
+    pyro.clear_param_store()
+    ref = select_hyperparameters(linear_regression, *diabetes(), progress=False)
+    assert_close(sel.objective, ref.objective, rtol=1e-10)
+    for name, value in ref.hyperparameters.items():
+        assert_close(sel.hyperparameters[name], value, rtol=1e-6)
+
+
+def test_float32_data_stays_float32(device):
+    X, y = diabetes(dtype=torch.float32, device=device)
+    y = (y > 0).float()
+    p = Problem(logistic_regression, X, y)
+    assert p.theta_init.dtype == torch.float32 and p.theta_init.device.type == device.type
+    r = laplace_evidence(logistic_regression, X, y)
+    assert r.log_evidence.dtype == torch.float32 and on(device, [r.log_evidence, r.hessian])
+    pyro.clear_param_store()
+    ref = laplace_evidence(logistic_regression, X.double().cpu(), y.double().cpu())
+    assert_close(r.log_evidence, ref.log_evidence, rtol=1e-4)

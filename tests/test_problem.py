@@ -1,0 +1,155 @@
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.distributions import constraints
+from torch.func import grad, vmap
+
+from pyro_evidence import Problem, select_hyperparameters
+from pyro_evidence.datasets import diabetes
+from pyro_evidence.models import linear_regression, polynomial_regression
+
+from .common import assert_close
+
+
+def scale_model(y):
+    rate = pyro.param("rate", torch.tensor(0.2), constraint=constraints.positive)
+    sigma = pyro.sample("sigma", dist.Exponential(rate))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(0.0, sigma), obs=y)
+
+
+def test_float32_params_with_float64_data():
+    X, y = diabetes()
+    p = Problem(linear_regression, X, y)
+    assert p.dtype == torch.float64
+    assert p.theta_init.dtype == torch.float64 and p.h_init.dtype == torch.float64
+    assert [s.name for s in p.latents] == ["w"]
+    assert [s.name for s in p.hypers] == ["prior_precision", "noise_precision"]
+    assert p.theta_dim == 10 and p.h_dim == 2
+    # the user's float32 initial values survive in the store; h holds them in float64
+    assert pyro.param("noise_precision").dtype == torch.float32
+    assert_close(p.params(p.h_init)["noise_precision"], 1.0)
+
+
+def test_log_joint_matches_hand_computation():
+    X, y = diabetes()
+    X, y = X[:50], y[:50]
+    p = Problem(linear_regression, X, y, model_kwargs={"ard": True})
+    theta = torch.linspace(-1, 1, 10, dtype=torch.float64)
+    alpha = torch.linspace(0.5, 2.0, 10, dtype=torch.float64)
+    beta = torch.tensor(3.0, dtype=torch.float64)
+    h = torch.cat([alpha.log(), beta.log().reshape(1)])
+    expected = (
+        torch.distributions.Normal(0.0, alpha.rsqrt()).log_prob(theta).sum()
+        + torch.distributions.Normal(X @ theta, beta.rsqrt()).log_prob(y).sum()
+    )
+    assert_close(p.log_joint(theta, h), expected, rtol=1e-12)
+    assert_close(p.loss(theta, h), -expected, rtol=1e-12)
+    ll = p.log_likelihood(theta, h)
+    assert list(ll) == ["y"] and ll["y"].shape == (50,)
+
+
+def test_log_jacobian_of_positive_latent():
+    y = torch.randn(20, dtype=torch.float64) * 3
+    p = Problem(scale_model, y)
+    s = torch.tensor([0.7], dtype=torch.float64)  # unconstrained: log sigma
+    h = p.h_init
+    sigma = s.exp()
+    expected = (
+        torch.distributions.Exponential(p.params(h)["rate"]).log_prob(sigma).sum()
+        + torch.distributions.Normal(0.0, sigma).log_prob(y).sum()
+        + s.sum()  # log |d sigma / d s|
+    )
+    assert_close(p.log_joint(s, h), expected, rtol=1e-12)
+    assert_close(p.latent_values(s, h)["sigma"], sigma[0])
+
+
+def test_pure_functions_under_torch_func():
+    X, y = diabetes()
+    p = Problem(linear_regression, X, y)
+    theta = torch.randn(10, dtype=torch.float64)
+    h = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    t = theta.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(p.loss(t, h), t)
+    assert_close(grad(p.loss)(theta, h), expected, rtol=1e-12)
+    batch = torch.randn(4, 10, dtype=torch.float64)
+    assert_close(vmap(p.loss, in_dims=(0, None))(batch, h), torch.stack([p.loss(b, h) for b in batch]), rtol=1e-12)
+    g_h = grad(p.loss, argnums=1)(theta, h)
+    assert g_h.shape == (2,) and torch.isfinite(g_h).all()
+
+
+def test_model_kwargs_and_named_subset():
+    x = torch.linspace(-1, 1, 15, dtype=torch.float64)
+    p = Problem(polynomial_regression, x, x**2, model_kwargs={"degree": 4}, hyperparameters=["noise_precision"])
+    assert p.theta_dim == 5
+    assert [s.name for s in p.hypers] == ["noise_precision"]
+    p = Problem(polynomial_regression, x, x**2, model_kwargs={"degree": 4}, hyperparameters="prior_precision")
+    assert [s.name for s in p.hypers] == ["prior_precision"]
+
+
+def test_write_params_keeps_store_dtype():
+    X, y = diabetes()
+    p = Problem(linear_regression, X, y)
+    p.write_params(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert pyro.param("noise_precision").dtype == torch.float32
+    assert_close(pyro.param("noise_precision"), torch.tensor(2.0).exp(), rtol=1e-6)
+
+
+def test_numpy_data_is_accepted():
+    X, y = diabetes()
+    p = Problem(linear_regression, X.numpy(), y.numpy())
+    assert p.dtype == torch.float64 and isinstance(p.args[0], torch.Tensor)
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def test_no_pyro_param_is_an_error():
+    def model(y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(w, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="no pyro.param site"):
+        select_hyperparameters(model, torch.zeros(3), progress=False)
+
+
+def test_unknown_hyperparameter_name():
+    X, y = diabetes()
+    with pytest.raises(ValueError, match="unknown hyperparameter 'prior_precison'.*noise_precision"):
+        Problem(linear_regression, X, y, hyperparameters=["prior_precison"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_data(bad):
+    X, y = diabetes()
+    y = y.clone()
+    y[3] = bad
+    with pytest.raises(ValueError, match="positional argument 1 contains NaN or inf"):
+        Problem(linear_regression, X, y)
+
+
+def test_discrete_latent_site():
+    def model(y):
+        p = pyro.param("p", torch.tensor(0.5), constraint=constraints.unit_interval)
+        k = pyro.sample("k", dist.Bernoulli(p))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(k, 1.0), obs=y)
+
+    with pytest.raises(TypeError, match="latent site 'k' is discrete"):
+        Problem(model, torch.zeros(4))
+
+
+def test_data_with_different_first_dimensions():
+    X, y = diabetes()
+    with pytest.raises(ValueError, match=r"first dimension.*\(442, 10\).*\(441,\)"):
+        Problem(linear_regression, X, y[:-1])
+
+
+def test_non_data_positional_argument():
+    X, y = diabetes()
+    with pytest.raises(TypeError, match="model_kwargs"):
+        Problem(linear_regression, X, y, "ard")
+    with pytest.raises(ValueError, match="scalar"):
+        Problem(linear_regression, X, y, 3)

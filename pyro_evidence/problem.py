@@ -33,12 +33,10 @@ __all__ = ["Problem", "LatentSite", "HyperSite", "prepare_data"]
 
 
 @dataclass(frozen=True)
-class LatentSite:
-    """A continuous latent sample site and where it lives in ``θ``."""
+class _Block:
+    """A named stretch ``[offset, offset + numel)`` of a flat vector."""
 
     name: str
-    shape: torch.Size  # constrained shape
-    unconstrained_shape: torch.Size
     offset: int
     numel: int
 
@@ -48,18 +46,19 @@ class LatentSite:
 
 
 @dataclass(frozen=True)
-class HyperSite:
+class LatentSite(_Block):
+    """A continuous latent sample site and where it lives in ``θ``."""
+
+    shape: torch.Size  # constrained shape
+    unconstrained_shape: torch.Size
+
+
+@dataclass(frozen=True)
+class HyperSite(_Block):
     """A ``pyro.param`` site of the model that is optimised as a hyperparameter."""
 
-    name: str
     shape: torch.Size
     constraint: constraints.Constraint
-    offset: int
-    numel: int
-
-    @property
-    def slice(self) -> slice:
-        return slice(self.offset, self.offset + self.numel)
 
     @property
     def transform(self):
@@ -185,7 +184,12 @@ class _Substitute(Messenger):
 
     def _pyro_sample(self, msg):
         site = self.latents.get(msg["name"])
-        if site is None or msg["is_observed"]:
+        if site is None:
+            if _is_latent(msg):
+                raise ValueError(
+                    f"latent site {msg['name']!r} was not in the model's first trace: the set of "
+                    "latent sites must not depend on the data or on the latent values"
+                )
             return
         u = self.theta[..., site.slice].reshape(self.theta.shape[:-1] + site.unconstrained_shape)
         transform = biject_to(msg["fn"].support)
@@ -269,7 +273,7 @@ class Problem:
             shape = site["value"].shape
             ushape = transform.inverse_shape(shape)
             numel = math.prod(ushape)
-            latents.append(LatentSite(name, shape, torch.Size(ushape), offset, numel))
+            latents.append(LatentSite(name, offset, numel, shape, torch.Size(ushape)))
             theta_init.append(transform.inv(site["value"].detach()).reshape(-1))
             offset += numel
         self.latents = tuple(latents)
@@ -302,7 +306,7 @@ class Problem:
                 raise TypeError(f"hyperparameter {name!r} must be a floating tensor")
             constraint = store_constraints.get(name, constraints.real)
             numel = value.numel()
-            hypers.append(HyperSite(name, value.shape, constraint, offset, numel))
+            hypers.append(HyperSite(name, offset, numel, value.shape, constraint))
             h_init.append(biject_to(constraint).inv(value).reshape(-1))
             offset += numel
         self.hypers = tuple(hypers)

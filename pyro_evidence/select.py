@@ -124,7 +124,9 @@ def select_hyperparameters(
     def evaluate(h):
         m = obj.solve(h, state["theta"])
         state["theta"] = m.theta
-        hg = hypergradient(obj.inner_loss, obj.validation, m.theta, h, method=method, jitter=jitter)
+        hg = hypergradient(
+            obj.inner_loss, obj.validation, m.theta, h, method=method, jitter=jitter, hessian=m.hessian
+        )
         value, gmax = float(hg.value), float(hg.grad.abs().max())
         history.append(
             Step(

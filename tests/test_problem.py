@@ -153,3 +153,18 @@ def test_non_data_positional_argument():
         Problem(linear_regression, X, y, "ard")
     with pytest.raises(ValueError, match="scalar"):
         Problem(linear_regression, X, y, 3)
+
+
+def test_latent_sites_must_not_change_between_runs():
+    def model(y, flag=None):
+        pyro.param("a", torch.tensor(1.0), constraint=constraints.positive)
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if flag:
+            pyro.sample("extra", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    p = Problem(model, torch.zeros(3))
+    p.model_kwargs = {"flag": True}
+    with pytest.raises(ValueError, match="latent site 'extra' was not in the model's first trace"):
+        p.log_joint(torch.zeros(1, dtype=p.dtype), p.h_init)

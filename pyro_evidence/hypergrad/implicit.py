@@ -41,12 +41,18 @@ class Hypergradient:
     partial: torch.Tensor
 
 
-def ift_exact(inner_loss, validation, theta, h, *, jitter: float = 0.0):
-    """Implicit hypergradient with a dense Hessian and a Cholesky solve."""
+def ift_exact(inner_loss, validation, theta, h, *, jitter: float = 0.0, hessian=None):
+    """Implicit hypergradient with a dense Hessian and a Cholesky solve.
+
+    :param hessian: ``∂²L/∂θ²`` at ``(θ, h)`` if the caller has it already (the inner Newton
+        solver does), else it is computed here.
+    """
     (g_theta, g_h), value = grad_and_value(validation, argnums=(0, 1))(theta, h)
     if theta.numel() == 0:
         return Hypergradient(value, g_h, g_h)
-    _, _, H = value_grad_hessian(lambda t: inner_loss(t, h), theta)
+    H = hessian
+    if H is None:
+        _, _, H = value_grad_hessian(lambda t: inner_loss(t, h), theta)
     v = dense_solve(H, g_theta, jitter)
     return Hypergradient(value, g_h - mixed_vjp(inner_loss, theta, h, v), g_h)
 

@@ -8,11 +8,12 @@ that do not depend on which approximation of ``H⁻¹`` a method uses.
 from __future__ import annotations
 
 import torch
-from torch.func import hessian as _hessian, jacrev
+from torch.func import grad_and_value, hessian as _hessian, jacrev
 
 __all__ = [
     "NotPositiveDefiniteError",
     "hessian",
+    "hessian_and_value",
     "value_grad_hessian",
     "cholesky",
     "dense_solve",
@@ -37,6 +38,12 @@ def hessian(fn, theta, *args, mode: str = "reverse-over-reverse"):
     if mode == "reverse-over-reverse":
         return jacrev(jacrev(fn))(theta, *args)
     raise ValueError(f"unknown Hessian mode {mode!r}; use 'forward-over-reverse' or 'reverse-over-reverse'")
+
+
+def hessian_and_value(fn, theta, *args):
+    """``(∂²fn/∂θ², fn(θ, *args))`` by ``torch.func`` reverse-over-reverse, the value taken from
+    the same forward pass (pure: differentiable again, usable under transforms)."""
+    return jacrev(grad_and_value(fn), has_aux=True)(theta, *args)
 
 
 def value_grad_hessian(fn, theta):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import pyro.distributions as dist
 import torch
 
-from ..hypergrad.linalg import cholesky, hessian
+from ..hypergrad.linalg import cholesky, hessian_and_value
 from ..problem import Problem
 from .base import Objective
 
@@ -53,10 +53,9 @@ class LaplaceObjective(Objective):
         return self.problem.loss(theta, h)
 
     def validation(self, theta, h):
-        H = hessian(self.problem.loss, theta, h)
-        factor = cholesky(H, self.jitter)
-        half_log_det = factor.diagonal().log().sum()
-        return -self.problem.loss(theta, h) + 0.5 * theta.shape[-1] * _LOG_2PI - half_log_det
+        H, loss = hessian_and_value(self.problem.loss, theta, h)
+        half_log_det = cholesky(H, self.jitter).diagonal().log().sum()
+        return -loss + 0.5 * theta.shape[-1] * _LOG_2PI - half_log_det
 
 
 @dataclass

@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from pyro_evidence.hypergrad.linalg import NotPositiveDefiniteError, cholesky, dense_solve, hessian, mixed_vjp
+from pyro_evidence.hypergrad.linalg import (
+    NotPositiveDefiniteError,
+    cholesky,
+    dense_solve,
+    hessian,
+    hessian_and_value,
+    mixed_vjp,
+    value_grad_hessian,
+)
 
 from ..common import assert_close
 
@@ -42,3 +50,14 @@ def test_cholesky_refuses_indefinite_matrices():
     with pytest.raises(NotPositiveDefiniteError, match="pivot 2 of 2"):
         cholesky(H)
     assert_close(cholesky(H, jitter=2.0) @ cholesky(H, jitter=2.0).T, H + 2 * torch.eye(2, dtype=torch.float64))
+
+
+def test_hessian_and_value_in_one_pass():
+    theta = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    h = torch.tensor([0.3, 2.0], dtype=torch.float64)
+    H, value = hessian_and_value(quartic, theta, h)
+    assert_close(value, quartic(theta, h), rtol=1e-15)
+    assert_close(H, hessian(quartic, theta, h), rtol=1e-14)
+    f, g, H2 = value_grad_hessian(lambda t: quartic(t, h), theta)
+    assert_close(H2, H, rtol=1e-14)
+    assert_close(g, torch.func.grad(quartic)(theta, h), rtol=1e-14)

@@ -77,6 +77,11 @@ def test_pure_functions_under_torch_func():
     assert_close(vmap(p.loss, in_dims=(0, None))(batch, h), torch.stack([p.loss(b, h) for b in batch]), rtol=1e-12)
     g_h = grad(p.loss, argnums=1)(theta, h)
     assert g_h.shape == (2,) and torch.isfinite(g_h).all()
+    v = torch.randn(10, dtype=torch.float64)
+    _, tangent = torch.func.jvp(lambda t: p.loss(t, h), (theta,), (v,))
+    assert_close(tangent, expected @ v, rtol=1e-12)
+    _, pullback = torch.func.vjp(lambda t: p.loss(t, h), theta)
+    assert_close(pullback(torch.tensor(2.0, dtype=torch.float64))[0], 2 * expected, rtol=1e-12)
 
 
 def test_model_kwargs_and_named_subset():

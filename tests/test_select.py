@@ -105,3 +105,21 @@ def test_bad_options(kwargs, message):
     X, y = diabetes()
     with pytest.raises(ValueError, match=message):
         select_hyperparameters(linear_regression, X, y, progress=False, **kwargs)
+
+
+def test_interrupt_returns_the_best_so_far():
+    X, y = diabetes()
+    calls = {"n": 0}
+
+    def impatient(X, y=None):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt
+        return linear_regression(X, y)
+
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        sel = select_hyperparameters(impatient, X, y, progress=False)
+    assert not sel.converged and 1 <= len(sel.history)
+    best = max(sel.history, key=lambda s: s.objective)
+    assert float(sel.objective) == pytest.approx(best.objective, rel=1e-14)
+    assert_close(pyro.param("noise_precision").detach(), best.hyperparameters["noise_precision"], rtol=1e-6)

@@ -1,19 +1,21 @@
 """pyro-evidence: evidence-based model selection and hyperparameter optimisation for Pyro."""
 
 from .hypergrad import Hypergradient, NotPositiveDefiniteError, hypergradient
-from .objectives import LaplaceEvidence, laplace_evidence
+from .objectives import ElboEvidence, LaplaceEvidence, elbo_evidence, laplace_evidence
 from .problem import Problem
 from .select import Selection, Step, select_hyperparameters
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ElboEvidence",
     "Hypergradient",
     "LaplaceEvidence",
     "NotPositiveDefiniteError",
     "Problem",
     "Selection",
     "Step",
+    "elbo_evidence",
     "hypergradient",
     "laplace_evidence",
     "select_hyperparameters",

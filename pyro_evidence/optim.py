@@ -65,6 +65,14 @@ def _lbfgs(fn, theta, max_iter, tol_grad):
     return theta.detach(), iterations
 
 
+def grad_and_value_detached(fn, theta):
+    with torch.enable_grad():
+        t = theta.detach().requires_grad_(True)
+        f = fn(t)
+        (g,) = torch.autograd.grad(f, t)
+    return f.detach(), g.detach()
+
+
 def _newton(fn, theta, max_steps):
     """Damped Newton steps (Armijo backtracking) until neither the loss nor the gradient norm
     improves beyond round-off. Returns ``(theta, f, g, H, steps)``, ``H`` the Hessian at the
@@ -109,6 +117,7 @@ def minimize(
     max_iter: int = 500,
     max_newton: int = 20,
     tol: float | None = None,
+    newton_max_dim: int = 2000,
 ) -> Minimum:
     """
     Minimises a scalar pure function ``fn(θ)`` of a flat tensor.
@@ -116,6 +125,8 @@ def minimize(
     :param float tol: the gradient-norm bound, relative to ``max(1, |fn|)``, under which the
         result counts as converged; default ``√ε`` of the dtype. Newton steps continue past it
         while they still shrink the gradient, down to round-off.
+    :param int newton_max_dim: above this many parameters no dense Hessian is formed and
+        L-BFGS works alone (its result then carries ``hessian=None``).
     """
     eps = torch.finfo(theta0.dtype).eps
     tol = eps**0.5 if tol is None else tol
@@ -124,6 +135,11 @@ def minimize(
         return Minimum(theta0, loss.detach(), 0.0, True, 0, 0, theta0.new_zeros(0, 0))
 
     theta, iterations = theta0.detach(), 0
+    if theta.numel() > newton_max_dim:  # no dense Hessian: L-BFGS alone
+        theta, iterations = _lbfgs(fn, theta, max_iter, tol_grad=eps**0.5)
+        f, g = grad_and_value_detached(fn, theta)
+        converged = float(g.norm()) <= tol * max(1.0, abs(float(f)))
+        return Minimum(theta, f, float(g.norm()), converged, iterations, 0, None)
     theta, f, g, H, steps = _newton(fn, theta, max_newton)
     converged = float(g.norm()) <= tol * max(1.0, abs(float(f)))
     if not converged:  # outside Newton's basin (H not positive definite, or no progress)

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from torch.func import grad
+
 from .hypergrad import METHODS, hypergradient
 from .objectives import OBJECTIVES
+from .optim import minimize
 from .problem import Problem
 
 __all__ = ["Selection", "Step", "select_hyperparameters"]
@@ -59,6 +62,30 @@ class Selection:
     problem: Problem | None = field(default=None, repr=False)
 
 
+def _coordinate_ascent(obj, h, state, history, max_steps, tol, start, bar):
+    """Graves (2011): alternate the fit of q (``θ ← argmin_θ L``) with the prior update
+    ``h ← argmax_h Q(θ, h)``. Neither half lowers ``Q``; stops at the fixed point."""
+    problem = obj.problem
+    theta = obj.theta_init
+    for _ in range(max_steps):
+        theta = obj.solve(h, theta).theta
+        m = minimize(lambda h_: -obj.validation(theta, h_), h)
+        h_new, value = m.theta, -m.loss
+        gmax = float(grad(obj.validation, argnums=1)(theta, h_new).abs().max())
+        step = float((h_new - h).abs().max())
+        h = h_new
+        history.append(
+            Step(float(value), {k: v.detach().clone() for k, v in problem.params(h).items()}, gmax, time.perf_counter() - start)
+        )
+        state["best"] = (float(value), h.clone(), theta, value.detach(), gmax)
+        bar.update(1)
+        bar.set_postfix(Q=f"{float(value):.6g}", step=f"{step:.2g}")
+        if step <= tol:
+            state["fixed_point"] = True
+            break
+    state["theta"] = theta
+
+
 def _check_choice(kind, value, choices):
     if value not in choices:
         raise ValueError(f"unknown {kind} {value!r}; available: {sorted(choices)}")
@@ -78,6 +105,7 @@ def select_hyperparameters(
     progress: bool | None = None,
     jitter: float = 0.0,
     inner_max_iter: int = 500,
+    objective_options: dict | None = None,
 ) -> Selection:
     """
     Selects the ``pyro.param`` hyperparameters of a Pyro model by maximising an objective.
@@ -85,9 +113,14 @@ def select_hyperparameters(
     :param model: a Pyro model whose prior takes its hyperparameters from ``pyro.param``.
     :param args: the data: tensors sharing their first dimension, on the device and in the dtype
         the computation should use.
-    :param str objective: ``"laplace"`` — the Laplace log evidence.
+    :param str objective: ``"laplace"`` — the Laplace log evidence; ``"elbo"`` — the ELBO of a
+        diagonal Gaussian posterior (``θ`` = its means and unconstrained scales, fitted for each
+        ``h``; see :class:`~pyro_evidence.objectives.ElboObjective`).
     :param str method: the hypergradient method, ``"ift-exact"``: the exact total derivative
-        ``∂Q/∂h − (∂²L/∂h∂θ)ᵀ H⁻¹ ∂Q/∂θ``, third derivatives of the log-det included.
+        ``∂Q/∂h − (∂²L/∂h∂θ)ᵀ H⁻¹ ∂Q/∂θ``, third derivatives of the log-det included (for the
+        ELBO ``L = −Q``, so it reduces to ``∂Q/∂h``); or ``"graves"`` (ELBO only): coordinate
+        ascent alternating the fit of ``q`` with ``h ← argmax_h ELBO(q, h)``, which for a Gaussian
+        prior is Graves' closed form ``μ = Ê w``, ``σ² = D̂ w``.
     :param hyperparameters: names of the param sites to select (default: all of the model's).
     :param dict model_kwargs: keyword arguments for the model.
     :param str optimizer: ``"lbfgs"`` (quasi-Newton with strong-Wolfe line search) or
@@ -98,10 +131,17 @@ def select_hyperparameters(
     :param progress: show a tqdm bar; default: only in a terminal.
     :param float jitter: added to the inner Hessian's diagonal where the objective uses it.
     :param int inner_max_iter: L-BFGS iterations of each inner solve at most.
+    :param dict objective_options: passed to the objective, e.g. ``{"num_particles": 128,
+        "seed": 1}`` for the ELBO.
     :rtype: Selection
     """
     _check_choice("objective", objective, OBJECTIVES)
-    _check_choice("method", method, METHODS)
+    _check_choice("method", method, {**METHODS, "graves": None})
+    if method == "graves" and objective != "elbo":
+        raise ValueError(
+            f"method='graves' is the closed-form prior update of the ELBO; it needs "
+            f"objective='elbo', not {objective!r}"
+        )
     _check_choice("optimizer", optimizer, ("lbfgs", "adam"))
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -112,7 +152,10 @@ def select_hyperparameters(
         hyperparameters=hyperparameters,
         require_hyperparameters=True,
     )
-    obj = OBJECTIVES[objective](problem, jitter=jitter, max_iter=inner_max_iter)
+    options = {"max_iter": inner_max_iter, **(objective_options or {})}
+    if objective == "laplace":
+        options["jitter"] = jitter
+    obj = OBJECTIVES[objective](problem, **options)
     if tol is None:
         tol = max(1e-6, 10 * torch.finfo(problem.dtype).eps ** 0.5)
 
@@ -145,7 +188,9 @@ def select_hyperparameters(
     h = obj.h_init.detach().clone().requires_grad_(True)
     interrupted = False
     try:
-        if optimizer == "lbfgs":
+        if method == "graves":
+            _coordinate_ascent(obj, h.detach(), state, history, max_steps, tol, start, bar)
+        elif optimizer == "lbfgs":
             outer = torch.optim.LBFGS(
                 [h],
                 lr=1.0 if lr is None else lr,
@@ -185,12 +230,13 @@ def select_hyperparameters(
         bar.close()
 
     _, h_best, theta_best, value_best, gmax_best = state["best"]
+    converged = gmax_best <= tol if method != "graves" else state.get("fixed_point", False)
     problem.write_params(h_best)
     return Selection(
         hyperparameters={k: v.detach() for k, v in problem.params(h_best).items()},
         objective=value_best,
         history=history,
-        converged=(not interrupted) and gmax_best <= tol,
+        converged=(not interrupted) and converged,
         theta=theta_best,
         h=h_best,
         objective_name=objective,

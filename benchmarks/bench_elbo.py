@@ -10,6 +10,7 @@ Usage: python benchmarks/bench_elbo.py [--budget 60] [--repeats 5] [--output FIL
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -26,8 +27,8 @@ from pyro_evidence.datasets import diabetes
 from pyro_evidence.models import linear_regression
 from pyro_evidence.objectives.elbo import guide_loc_scale
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_laplace import commit, machine  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import commit, emit, machine  # noqa: E402
 
 ALPHA, BETA = 30.0, 2.0
 
@@ -140,11 +141,7 @@ def main(argv=None):
         what = "the 0.05-nat target" if hit else "its own best gap (it never reached the target)"
         lines.append(f"- lr={lr:g}: the plain loop took **{ratio:.0f}×** longer to reach {what} than `elbo_evidence` took to reach the optimum.")
     lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+    emit(lines, args.output)
     return 0
 
 

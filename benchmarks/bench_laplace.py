@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
+import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -34,6 +33,9 @@ from torch.distributions import constraints
 import pyro_evidence as pe
 from pyro_evidence.datasets import diabetes
 from pyro_evidence.models import linear_regression
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import commit, emit, machine  # noqa: E402
 
 ALPHA, BETA = 30.0, 2.0
 
@@ -138,32 +140,6 @@ def bayesian_ridge(Xn, yn):
         return time.perf_counter() - t, float(br.scores_[-1]), len(br.scores_)
 
 
-def machine(device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    desc = f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, pyro {pyro.__version__}"
-    if device.type == "cuda":
-        desc += f", GPU {torch.cuda.get_device_name(device)}"
-    return desc
-
-
-def commit():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001 - outside a checkout
-        return "unknown"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -246,11 +222,7 @@ def main(argv=None):
         f"Relative difference of the optima: {abs(t_sel[0][1] - t_br[0][1]) / abs(t_br[0][1]):.1e}.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+    emit(lines, args.output)
     return 0
 
 

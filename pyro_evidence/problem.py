@@ -18,6 +18,7 @@ and every function of :class:`Problem` that takes ``(theta, h)`` is pure, so it 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -217,6 +218,21 @@ def _is_latent(site) -> bool:
     )
 
 
+def _rows(site, n):
+    """Per-row log-probability of an observed site along its plate of size ``n``, or None."""
+    for frame in site["cond_indep_stack"]:
+        if frame.size == n and frame.dim is not None:
+            lp = _site_log_prob(site)
+            dim = frame.dim
+            if lp.dim() < -dim:
+                lp = lp.reshape((1,) * (-dim - lp.dim()) + lp.shape)
+            shape = list(lp.shape)
+            shape[dim] = n
+            lp = lp.expand(shape).movedim(dim, 0)
+            return lp.reshape(n, -1).sum(-1)
+    return None
+
+
 def _site_log_prob(site):
     lp = site["fn"].log_prob(site["value"])
     return scale_and_mask(lp, site["scale"], site["mask"])
@@ -332,6 +348,12 @@ class Problem:
     def num_data(self) -> int:
         return next(a for a in self.args if a is not None).shape[0]
 
+    def with_args(self, *args) -> "Problem":
+        """The same model and sites on other data (cast to this problem's dtype and device)."""
+        new = copy.copy(self)
+        new.args, _, _ = prepare_data(args, self.dtype, self.device)
+        return new
+
     # --- h ↔ constrained values -----------------------------------------------------------
     def params(self, h) -> dict:
         """Constrained hyperparameter values ``{name: tensor}`` of an unconstrained ``h``."""
@@ -377,6 +399,33 @@ class Problem:
             if site["type"] == "sample" and not site_is_subsample(site):
                 total = total + _site_log_prob(site).sum()
         return total
+
+    def terms(self, theta, h, args=None):
+        """
+        The log joint split by observation: ``(prior, rows)`` with ``rows[i]`` the log-likelihood
+        of row ``i`` (every observed site inside a ``pyro.plate`` of size ``N``, summed) and
+        ``prior`` everything else (latent priors, log-Jacobians, observed sites outside such a
+        plate, e.g. a hyperprior ``pyro.factor``). ``log_joint = prior + rows.sum()``; per-row
+        weights of ``rows`` give cross-validation folds and minibatches.
+        """
+        trace, log_jacobian = self.trace(theta, h, args)
+        n = self.num_data if args is None else next(a for a in args if a is not None).shape[0]
+        prior = log_jacobian
+        rows = 0.0
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            per_row = _rows(site, n) if site["is_observed"] else None
+            if per_row is None:
+                prior = prior + _site_log_prob(site).sum()
+            else:
+                rows = rows + per_row
+        if not isinstance(rows, torch.Tensor):
+            raise ValueError(
+                f"no observed site of the model lies in a pyro.plate of size N = {n}; per-row "
+                "log-likelihoods (cross-validation, hold-out) need one"
+            )
+        return prior, rows
 
     def loss(self, theta, h):
         """The inner loss ``L(θ, h) = −log p(y, w(θ) | h)`` (Jacobian included)."""

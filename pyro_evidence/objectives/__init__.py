@@ -1,13 +1,20 @@
 """Objectives: each a pair ``L(θ, h)``, ``Q(θ, h)`` over a :class:`~pyro_evidence.problem.Problem`."""
 
 from .base import Objective
+from .cv import CrossValidation, CrossValidationObjective, HoldoutObjective, cv_log_predictive
 from .elbo import ElboEvidence, ElboObjective, elbo_evidence
 from .laplace import LaplaceEvidence, LaplaceObjective, laplace_evidence
 
-OBJECTIVES = {LaplaceObjective.name: LaplaceObjective, ElboObjective.name: ElboObjective}
+OBJECTIVES = {
+    cls.name: cls for cls in (LaplaceObjective, ElboObjective, CrossValidationObjective, HoldoutObjective)
+}
 
 __all__ = [
     "OBJECTIVES",
+    "CrossValidation",
+    "CrossValidationObjective",
+    "HoldoutObjective",
+    "cv_log_predictive",
     "Objective",
     "ElboEvidence",
     "ElboObjective",

@@ -2,7 +2,10 @@
 
 from .hypergrad import Hypergradient, NotPositiveDefiniteError, hypergradient
 from .objectives import CrossValidation, ElboEvidence, LaplaceEvidence, cv_log_predictive, elbo_evidence, laplace_evidence
+from .compare import compare_models, to_inference_data
 from .problem import Problem
+from .pruning import graves_ratio, prune
+from .sequential import sequential_log_predictive
 from .select import Selection, Step, select_hyperparameters
 
 __version__ = "0.1.0"
@@ -16,9 +19,14 @@ __all__ = [
     "Problem",
     "Selection",
     "Step",
+    "compare_models",
     "cv_log_predictive",
     "elbo_evidence",
+    "graves_ratio",
     "hypergradient",
     "laplace_evidence",
+    "prune",
     "select_hyperparameters",
+    "sequential_log_predictive",
+    "to_inference_data",
 ]

@@ -60,3 +60,14 @@ def test_elbo_follows_device_and_dtype(device):
     pyro.clear_param_store()
     ref = elbo_evidence(linear_regression, *diabetes(), num_eval_particles=200)
     assert_close(r.theta, ref.theta, rtol=1e-6, atol=1e-9)
+
+
+def test_cv_follows_device(device):
+    from pyro_evidence import cv_log_predictive
+
+    X, y = diabetes(device=device)
+    r = cv_log_predictive(linear_regression, X, y, k=4)
+    assert on(device, [r.value, r.per_fold, r.theta, r.params["w"], r.pointwise])
+    pyro.clear_param_store()
+    ref = cv_log_predictive(linear_regression, *diabetes(), k=4)
+    assert_close(r.value, ref.value, rtol=1e-10)

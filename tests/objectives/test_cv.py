@@ -75,7 +75,7 @@ def test_stratified_folds_of_a_classification_model_match_scikit_learn():
         clf.fit(X[~test].numpy(), y[~test].numpy())
         logp = clf.predict_log_proba(X[test].numpy())
         expected += logp[np.arange(test.sum()), y[test].long().numpy()].sum()
-    assert_close(r.value, expected, rtol=1e-7)
+    assert_close(r.value, expected, rtol=1e-8)
 
 
 def test_vectorized_folds_equal_a_per_fold_loop():

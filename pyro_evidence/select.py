@@ -8,6 +8,7 @@ or Adam) works in unconstrained ``h``, so positive hyperparameters move on a log
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from tqdm.auto import tqdm
 
 from torch.func import grad
 
-from .hypergrad import METHODS, hypergradient
+from .hypergrad import METHODS
+from .hypergrad.implicit import check_validation
 from .objectives import OBJECTIVES
 from .optim import minimize
 from .problem import Problem
@@ -98,7 +100,7 @@ def select_hyperparameters(
     method: str = "ift-exact",
     hyperparameters=None,
     model_kwargs: dict | None = None,
-    optimizer: str = "lbfgs",
+    optimizer: str | None = None,
     max_steps: int = 100,
     lr: float | None = None,
     tol: float | None = None,
@@ -106,6 +108,7 @@ def select_hyperparameters(
     jitter: float = 0.0,
     inner_max_iter: int = 500,
     objective_options: dict | None = None,
+    method_options: dict | None = None,
 ) -> Selection:
     """
     Selects the ``pyro.param`` hyperparameters of a Pyro model by maximising an objective.
@@ -115,24 +118,32 @@ def select_hyperparameters(
         the computation should use.
     :param str objective: ``"laplace"`` — the Laplace log evidence; ``"elbo"`` — the ELBO of a
         diagonal Gaussian posterior (``θ`` = its means and unconstrained scales, fitted for each
-        ``h``; see :class:`~pyro_evidence.objectives.ElboObjective`).
-    :param str method: the hypergradient method, ``"ift-exact"``: the exact total derivative
-        ``∂Q/∂h − (∂²L/∂h∂θ)ᵀ H⁻¹ ∂Q/∂θ``, third derivatives of the log-det included (for the
-        ELBO ``L = −Q``, so it reduces to ``∂Q/∂h``); or ``"graves"`` (ELBO only): coordinate
-        ascent alternating the fit of ``q`` with ``h ← argmax_h ELBO(q, h)``, which for a Gaussian
-        prior is Graves' closed form ``μ = Ê w``, ``σ² = D̂ w``.
+        ``h``); ``"cv"`` — k-fold cross-validation (seed eq. (1)); ``"holdout"`` — a validation
+        set (``objective_options={"validation": (X_val, y_val)}`` or a fraction).
+    :param str method: the hypergradient method: ``"ift-exact"`` (dense Hessian, the exact
+        total derivative ``∂Q/∂h − (∂²L/∂h∂θ)ᵀ H⁻¹ ∂Q/∂θ``, third derivatives of the Laplace log-det
+        included), ``"ift-cg"``, ``"ift-neumann"``, ``"t1-t2"``, ``"larsen"``, ``"greedy"``,
+        ``"darts"`` (see :mod:`pyro_evidence.hypergrad`); ``"hoag"`` — Pedregosa's algorithm: CG to a
+        tolerance that shrinks with the outer iterations, warm starts, and an adaptive ascent step
+        with rejection; ``"graves"`` (ELBO only) — coordinate ascent alternating the fit of ``q``
+        with ``h ← argmax_h ELBO(q, h)``, Graves' closed form for a Gaussian prior.
     :param hyperparameters: names of the param sites to select (default: all of the model's).
     :param dict model_kwargs: keyword arguments for the model.
-    :param str optimizer: ``"lbfgs"`` (quasi-Newton with strong-Wolfe line search) or
-        ``"adam"`` (gradient ascent with step ``lr``, default 0.05).
+    :param str optimizer: ``"lbfgs"`` (quasi-Newton with strong-Wolfe line search; the default for
+        the exact methods ``ift-exact`` and ``ift-cg``) or ``"adam"`` (gradient ascent with step
+        ``lr``, default 0.05; the default for the approximate methods, whose gradients a line
+        search cannot trust).
     :param int max_steps: outer evaluations at most.
     :param float tol: stop when ``max |dQ/dh| ≤ tol`` (unconstrained ``h``); default 1e-6 in
         float64, ``10√ε`` in lower precision.
     :param progress: show a tqdm bar; default: only in a terminal.
     :param float jitter: added to the inner Hessian's diagonal where the objective uses it.
     :param int inner_max_iter: L-BFGS iterations of each inner solve at most.
-    :param dict objective_options: passed to the objective, e.g. ``{"num_particles": 128,
-        "seed": 1}`` for the ELBO.
+    :param dict objective_options: passed to the objective, e.g. ``{"num_particles": 128}`` for
+        the ELBO, ``{"k": 10, "stratify": labels}`` for CV.
+    :param dict method_options: passed to the method, e.g. ``{"tol": 1e-8}`` for CG,
+        ``{"terms": 100}`` for Neumann, ``{"lr": 1e-3}`` for T1–T2, greedy and DARTS;
+        for HOAG ``{"schedule": "exponential" | "quadratic" | "cubic"}``.
     :rtype: Selection
     """
     _check_choice("objective", objective, OBJECTIVES)
@@ -142,6 +153,8 @@ def select_hyperparameters(
             f"method='graves' is the closed-form prior update of the ELBO; it needs "
             f"objective='elbo', not {objective!r}"
         )
+    if optimizer is None:
+        optimizer = "lbfgs" if method in ("ift-exact", "ift-cg") else "adam"
     _check_choice("optimizer", optimizer, ("lbfgs", "adam"))
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -156,28 +169,31 @@ def select_hyperparameters(
     if objective == "laplace":
         options["jitter"] = jitter
     obj = OBJECTIVES[objective](problem, **options)
+    check_validation(obj.validation, obj.theta_init, obj.h_init)
     if tol is None:
         tol = max(1e-6, 10 * torch.finfo(problem.dtype).eps ** 0.5)
+    method_options = dict(method_options or {})
+    schedule = method_options.pop("schedule", "quadratic") if method == "hoag" else None
+    if method == "larsen":
+        method_options.setdefault("per_example", obj.per_example_loss)
 
     start = time.perf_counter()
     history: list[Step] = []
-    state = {"theta": obj.theta_init, "best": None}
-    bar = tqdm(total=max_steps, desc=f"select ({objective})", disable=None if progress is None else not progress)
+    state = {"theta": obj.theta_init, "best": None, "last_good": None}
+    bar = tqdm(total=max_steps, desc=f"select ({objective}, {method})", disable=None if progress is None else not progress)
 
-    def evaluate(h):
+    def evaluate(h, **extra):
         m = obj.solve(h, state["theta"])
-        state["theta"] = m.theta
-        hg = hypergradient(
-            obj.inner_loss, obj.validation, m.theta, h, method=method, jitter=jitter, hessian=m.hessian
-        )
+        opts = {**method_options, **extra}
+        if method == "ift-exact":
+            opts.update(jitter=jitter, hessian=m.hessian)
+        hg = METHODS[method](obj.inner_loss, obj.validation, m.theta, h.detach(), **opts)
         value, gmax = float(hg.value), float(hg.grad.abs().max())
+        if not (math.isfinite(value) and math.isfinite(gmax)):
+            raise _NonFinite(len(history) + 1)
+        state["theta"] = m.theta
         history.append(
-            Step(
-                value,
-                {k: v.detach().clone() for k, v in problem.params(h).items()},
-                gmax,
-                time.perf_counter() - start,
-            )
+            Step(value, {k: v.detach().clone() for k, v in problem.params(h).items()}, gmax, time.perf_counter() - start)
         )
         if state["best"] is None or value >= state["best"][0]:
             state["best"] = (value, h.detach().clone(), m.theta, hg.value.detach(), gmax)
@@ -186,10 +202,12 @@ def select_hyperparameters(
         return hg
 
     h = obj.h_init.detach().clone().requires_grad_(True)
-    interrupted = False
+    stopped = None
     try:
         if method == "graves":
             _coordinate_ascent(obj, h.detach(), state, history, max_steps, tol, start, bar)
+        elif method == "hoag":
+            _hoag(evaluate, h.detach(), state, max_steps, tol, schedule, lr)
         elif optimizer == "lbfgs":
             outer = torch.optim.LBFGS(
                 [h],
@@ -220,9 +238,21 @@ def select_hyperparameters(
     except KeyboardInterrupt:
         if state["best"] is None:
             raise
-        interrupted = True
+        stopped = "interrupted"
         warnings.warn(
             "selection interrupted; returning the best hyperparameters evaluated so far",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    except _NonFinite as e:
+        if state["best"] is None:
+            raise FloatingPointError(
+                "the objective or its hypergradient is not finite at the initial hyperparameters"
+            ) from None
+        stopped = "non-finite"
+        warnings.warn(
+            f"the objective or its hypergradient is not finite at outer step {e.step}; stopping with "
+            "the last good hyperparameters",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -236,10 +266,49 @@ def select_hyperparameters(
         hyperparameters={k: v.detach() for k, v in problem.params(h_best).items()},
         objective=value_best,
         history=history,
-        converged=(not interrupted) and converged,
+        converged=stopped is None and converged,
         theta=theta_best,
         h=h_best,
         objective_name=objective,
         method=method,
         problem=problem,
     )
+
+
+class _NonFinite(Exception):
+    def __init__(self, step):
+        super().__init__(step)
+        self.step = step
+
+
+_SCHEDULES = {
+    "exponential": lambda k: 0.1 * 0.9**k,
+    "quadratic": lambda k: 0.1 / (k + 1) ** 2,
+    "cubic": lambda k: 0.1 / (k + 1) ** 3,
+}
+
+
+def _hoag(evaluate, h, state, max_steps, tol, schedule, lr):
+    """
+    HOAG (Pedregosa 2016, Algorithm 1), written for ascent on ``Q``: at outer step ``k`` the
+    linear system ``H v = ∂Q/∂θ`` is solved by CG to the tolerance ``ε_k`` of the schedule,
+    warm-started from the previous ``v``; the step ``h ← h + p_k / L`` is accepted when ``Q`` does
+    not fall by more than ``ε_k·(1 + ‖p_k‖)`` — then ``L ← 0.9 L`` — and rejected otherwise —
+    then ``L ← 2 L`` and ``h`` stays.
+    """
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"unknown HOAG schedule {schedule!r}; use one of {sorted(_SCHEDULES)}")
+    eps = _SCHEDULES[schedule]
+    lipschitz = 1.0 / (0.05 if lr is None else lr)
+    hg = evaluate(h, tol=eps(0))
+    v = hg.info.get("v")
+    for k in range(1, max_steps):
+        if float(hg.grad.abs().max()) <= tol:
+            return
+        candidate = h + hg.grad / lipschitz
+        new = evaluate(candidate, tol=eps(k), x0=v)
+        if float(new.value) >= float(hg.value) - eps(k) * (1 + float(hg.grad.norm())):
+            h, hg, v = candidate, new, new.info.get("v")
+            lipschitz *= 0.9
+        else:
+            lipschitz *= 2.0

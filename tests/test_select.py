@@ -88,7 +88,7 @@ def test_selection_follows_the_evidence_per_degree():
 def test_progress_bar_is_shown_when_asked(capsys):
     X, y = diabetes()
     select_hyperparameters(linear_regression, X[:50], y[:50], progress=True, max_steps=3)
-    assert "select (laplace)" in capsys.readouterr().err
+    assert "select (laplace, ift-exact)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,9 @@ that do not depend on which approximation of ``H⁻¹`` a method uses.
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import torch
 from torch.func import grad_and_value, hessian as _hessian, jacrev
 
@@ -18,6 +21,12 @@ __all__ = [
     "cholesky",
     "dense_solve",
     "mixed_vjp",
+    "hvp",
+    "hvp_operator",
+    "cg",
+    "neumann",
+    "power_iteration",
+    "SolveResult",
 ]
 
 
@@ -103,3 +112,132 @@ def mixed_vjp(inner_loss, theta, h, v):
         (g,) = torch.autograd.grad(inner_loss(t, h_), t, create_graph=True)
         (out,) = torch.autograd.grad(torch.dot(g, v), h_, allow_unused=True)
     return torch.zeros_like(h) if out is None else out.detach()
+
+
+# --- iterative solvers on a matrix-vector product ---------------------------------------
+
+
+def hvp_operator(fn, theta, *args, mode: str = "reverse-over-reverse"):
+    """
+    ``v ↦ ∇²fn(θ) v`` with the linearisation done once: each product then costs one backward
+    pass (``"reverse-over-reverse"``, the default) or one forward-mode pass over the gradient
+    (``"forward-over-reverse"``).
+    """
+    grad_fn = torch.func.grad(fn)
+    if mode == "reverse-over-reverse":
+        _, vjp_fn = torch.func.vjp(lambda t: grad_fn(t, *args), theta)
+        return lambda v: vjp_fn(v)[0]  # H is symmetric, so vᵀH = (Hv)ᵀ
+    if mode == "forward-over-reverse":
+        _, jvp_fn = torch.func.linearize(lambda t: grad_fn(t, *args), theta)
+        return jvp_fn
+    raise ValueError(f"unknown Hessian mode {mode!r}; use 'reverse-over-reverse' or 'forward-over-reverse'")
+
+
+def hvp(fn, theta, v, *args, mode: str = "reverse-over-reverse"):
+    """One Hessian-vector product ``∇²fn(θ) v``."""
+    return hvp_operator(fn, theta, *args, mode=mode)(v)
+
+
+@dataclass
+class SolveResult:
+    """``x`` ≈ the solution; ``iterations``; ``residual`` = ``‖b − A x‖ / ‖b‖`` (for Neumann, one
+    per term in ``residuals``); ``converged``."""
+
+    x: torch.Tensor
+    iterations: int
+    residual: float
+    converged: bool
+    residuals: list | None = None
+
+
+def cg(matvec, b, x0=None, *, tol: float = 1e-10, max_iter: int | None = None, damping: float = 0.0) -> SolveResult:
+    """
+    Conjugate gradient on ``(A + damping·I) x = b`` for a symmetric positive definite ``A`` given
+    as ``matvec``; stops when the relative residual ``‖b − (A + damping·I)x‖ / ‖b‖ ≤ tol``.
+
+    Warns (``RuntimeWarning``, with the residual reached) when ``max_iter`` (default ``10·d``)
+    runs out, and when it meets a direction of non-positive curvature (``A + damping·I`` not
+    positive definite): it then returns the last iterate, which is finite.
+
+    :param x0: warm start.
+    """
+    if b.dim() != 1:
+        raise ValueError(f"cg solves for a flat right-hand side, got shape {tuple(b.shape)}")
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    d = b.numel()
+    max_iter = 10 * d if max_iter is None else max_iter
+    op = (lambda v: matvec(v) + damping * v) if damping else matvec
+    b_norm = b.norm()
+    if float(b_norm) == 0.0:
+        return SolveResult(torch.zeros_like(b), 0, 0.0, True)
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - op(x) if x0 is not None else b.clone()
+    p = r.clone()
+    rs = torch.dot(r, r)
+    for it in range(1, max_iter + 1):
+        if float(rs.sqrt() / b_norm) <= tol:
+            return SolveResult(x, it - 1, float(rs.sqrt() / b_norm), True)
+        Ap = op(p)
+        curvature = torch.dot(p, Ap)
+        if float(curvature) <= 0:
+            warnings.warn(
+                f"cg met non-positive curvature at iteration {it} (the matrix is not positive "
+                f"definite{'' if damping else '; pass damping='}); returning the last iterate, relative "
+                f"residual {float(rs.sqrt() / b_norm):.3g}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return SolveResult(x, it - 1, float(rs.sqrt() / b_norm), False)
+        step = rs / curvature
+        x = x + step * p
+        r = r - step * Ap
+        rs_new = torch.dot(r, r)
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    residual = float((b - op(x)).norm() / b_norm)
+    if residual > tol:
+        warnings.warn(
+            f"cg did not converge in {max_iter} iterations: relative residual {residual:.3g} > tol {tol:g}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return SolveResult(x, max_iter, residual, residual <= tol)
+
+
+def neumann(matvec, b, *, alpha: float, terms: int) -> SolveResult:
+    """
+    ``A⁻¹ b ≈ α Σ_{j=0}^{terms} (I − αA)^j b`` (Lorraine et al. 2020), which converges when
+    ``0 < α < 2/λ_max(A)``. ``residuals[j]`` is the relative residual after term ``j``.
+    """
+    if not alpha > 0:
+        raise ValueError(f"the Neumann scale alpha must be > 0, got {alpha}")
+    if terms < 0:
+        raise ValueError(f"terms must be >= 0, got {terms}")
+    b_norm = b.norm().clamp(min=torch.finfo(b.dtype).tiny)
+    p = b.clone()  # (I − αA)^j b
+    x = alpha * p
+    residuals = []
+    Ax = matvec(x)
+    residuals.append(float((b - Ax).norm() / b_norm))
+    for _ in range(terms):
+        p = p - alpha * matvec(p)
+        x = x + alpha * p
+        residuals.append(float((b - matvec(x)).norm() / b_norm))
+    return SolveResult(x, terms, residuals[-1], True, residuals)
+
+
+def power_iteration(matvec, dim: int, like, iterations: int = 20, seed: int = 0) -> float:
+    """An estimate of ``λ_max`` of a symmetric positive semi-definite operator."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(dim, generator=g, dtype=torch.float64).to(like)
+    v = v / v.norm()
+    value = 0.0
+    for _ in range(iterations):
+        w = matvec(v)
+        value = float(torch.dot(v, w))
+        norm = w.norm()
+        if float(norm) == 0:
+            return 0.0
+        v = w / norm
+    return value

@@ -83,6 +83,12 @@ class _MaskedObjective(Objective):
         _, rows = self.fold_terms(theta, h)
         return (self.test * rows).sum()
 
+    def per_example_loss(self, theta, h):
+        """``L`` spread over (fold, row) pairs, flattened."""
+        prior, rows = self.fold_terms(theta, h)
+        n = rows.shape[-1]
+        return (-(self.train_scale * self.train * rows + prior[:, None] / n) / self.k).reshape(-1)
+
     def solve(self, h, theta0=None):
         """Newton on all folds at once: the inner Hessian is block-diagonal, so each fold gets its
         own ``D × D`` Hessian, Cholesky factor and step length, all batched over folds; L-BFGS on

@@ -46,7 +46,7 @@ from torch.distributions import biject_to, constraints, kl_divergence
 from torch.func import vmap
 
 from ..optim import minimize
-from ..problem import Problem, _site_log_prob
+from ..problem import Problem, _rows, _site_log_prob
 from .base import Objective
 
 __all__ = ["ElboObjective", "ElboEvidence", "elbo_evidence", "standard_normal_particles"]
@@ -122,15 +122,17 @@ class ElboObjective(Objective):
     def loc_scale(self, theta):
         return theta[..., : self.dim], F.softplus(theta[..., self.dim :])
 
-    def _particle_terms(self, theta, h, eps):
-        """Per-particle ``log p(y, w) + log|J|`` with ``−KL`` standing in for analytic sites."""
+    def _particle_split(self, theta, h, eps):
+        """Per particle, ``(prior, rows)``: ``log p(w) + log|J|`` with ``−KL`` standing in for the
+        analytic sites, and the per-row log-likelihood (observed sites in a plate of size N)."""
         loc, scale = self.loc_scale(theta)
         problem = self.problem
+        n = problem.num_data
 
         def one(e):
             z = loc + scale * e
             trace, log_jacobian = problem.trace(z, h)
-            total = log_jacobian
+            prior, rows = log_jacobian, torch.zeros(n, dtype=theta.dtype, device=theta.device)
             for name, site in trace.nodes.items():
                 if site["type"] != "sample" or site_is_subsample(site):
                     continue
@@ -139,12 +141,25 @@ class ElboObjective(Objective):
                     fn = site["fn"]
                     q = dist.Normal(loc[s.slice].reshape(s.shape), scale[s.slice].reshape(s.shape))
                     q = q.to_event(fn.event_dim) if fn.event_dim else q
-                    total = total - (kl_divergence(q, fn) * site["scale"]).sum()
+                    prior = prior - (kl_divergence(q, fn) * site["scale"]).sum()
+                    continue
+                per_row = _rows(site, n) if site["is_observed"] else None
+                if per_row is None:
+                    prior = prior + _site_log_prob(site).sum()
                 else:
-                    total = total + _site_log_prob(site).sum()
-            return total
+                    rows = rows + per_row
+            return prior, rows
 
         return vmap(one)(eps)
+
+    def _particle_terms(self, theta, h, eps):
+        prior, rows = self._particle_split(theta, h, eps)
+        return prior + rows.sum(-1)
+
+    def per_example_loss(self, theta, h):
+        """``L`` spread over the rows: ``−E_q[log p(y_i | w)] − (E_q[log p(w)] + H[q]) / N``."""
+        prior, rows = self._particle_split(theta, h, self.eps)
+        return -rows.mean(0) - (prior.mean() + self._entropy(theta)) / rows.shape[-1]
 
     def _entropy(self, theta):
         """Entropy of q over the sites without a closed-form KL."""

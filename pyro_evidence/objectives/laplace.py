@@ -52,6 +52,11 @@ class LaplaceObjective(Objective):
     def inner_loss(self, theta, h):
         return self.problem.loss(theta, h)
 
+    def per_example_loss(self, theta, h):
+        """``L`` spread over the rows: ``−log p(y_i | w) − (log p(w | h) + log|J|) / N``."""
+        prior, rows = self.problem.terms(theta, h)
+        return -rows - prior / rows.shape[-1]
+
     def validation(self, theta, h):
         H, loss = hessian_and_value(self.problem.loss, theta, h)
         half_log_det = cholesky(H, self.jitter).diagonal().log().sum()

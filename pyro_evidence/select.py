@@ -20,6 +20,7 @@ from torch.func import grad
 
 from .hypergrad import METHODS
 from .hypergrad.implicit import check_validation
+from .hypergrad.linalg import NotPositiveDefiniteError
 from .objectives import OBJECTIVES
 from .optim import minimize
 from .problem import Problem
@@ -183,14 +184,19 @@ def select_hyperparameters(
     bar = tqdm(total=max_steps, desc=f"select ({objective}, {method})", disable=None if progress is None else not progress)
 
     def evaluate(h, **extra):
-        m = obj.solve(h, state["theta"])
-        opts = {**method_options, **extra}
-        if method == "ift-exact":
-            opts.update(jitter=jitter, hessian=m.hessian)
-        hg = METHODS[method](obj.inner_loss, obj.validation, m.theta, h.detach(), **opts)
+        try:
+            m = obj.solve(h, state["theta"])
+            opts = {**method_options, **extra}
+            if method == "ift-exact":
+                opts.update(jitter=jitter, hessian=m.hessian)
+            hg = METHODS[method](obj.inner_loss, obj.validation, m.theta, h.detach(), **opts)
+        except (FloatingPointError, NotPositiveDefiniteError) as e:
+            if state["best"] is None:  # nothing good to fall back on: the error speaks for itself
+                raise
+            raise _NonFinite(len(history) + 1, str(e)) from e
         value, gmax = float(hg.value), float(hg.grad.abs().max())
         if not (math.isfinite(value) and math.isfinite(gmax)):
-            raise _NonFinite(len(history) + 1)
+            raise _NonFinite(len(history) + 1, f"Q = {value}, max |dQ/dh| = {gmax}")
         state["theta"] = m.theta
         history.append(
             Step(value, {k: v.detach().clone() for k, v in problem.params(h).items()}, gmax, time.perf_counter() - start)
@@ -251,8 +257,8 @@ def select_hyperparameters(
             ) from None
         stopped = "non-finite"
         warnings.warn(
-            f"the objective or its hypergradient is not finite at outer step {e.step}; stopping with "
-            "the last good hyperparameters",
+            f"the objective or its hypergradient is not finite at outer step {e.step} ({e.reason}); "
+            "stopping with the last good hyperparameters",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -276,9 +282,9 @@ def select_hyperparameters(
 
 
 class _NonFinite(Exception):
-    def __init__(self, step):
-        super().__init__(step)
-        self.step = step
+    def __init__(self, step, reason):
+        super().__init__(step, reason)
+        self.step, self.reason = step, reason
 
 
 _SCHEDULES = {

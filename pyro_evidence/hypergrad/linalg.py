@@ -128,8 +128,7 @@ def hvp_operator(fn, theta, *args, mode: str = "reverse-over-reverse"):
         _, vjp_fn = torch.func.vjp(lambda t: grad_fn(t, *args), theta)
         return lambda v: vjp_fn(v)[0]  # H is symmetric, so vᵀH = (Hv)ᵀ
     if mode == "forward-over-reverse":
-        _, jvp_fn = torch.func.linearize(lambda t: grad_fn(t, *args), theta)
-        return jvp_fn
+        return lambda v: torch.func.jvp(lambda t: grad_fn(t, *args), (theta,), (v,))[1]
     raise ValueError(f"unknown Hessian mode {mode!r}; use 'reverse-over-reverse' or 'forward-over-reverse'")
 
 

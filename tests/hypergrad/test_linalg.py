@@ -1,13 +1,19 @@
+import math
+import warnings
+
 import pytest
 import torch
 
 from pyro_evidence.hypergrad.linalg import (
     NotPositiveDefiniteError,
+    cg,
     cholesky,
     dense_solve,
     hessian,
     hessian_and_value,
+    hvp,
     mixed_vjp,
+    neumann,
     value_grad_hessian,
 )
 
@@ -61,3 +67,72 @@ def test_hessian_and_value_in_one_pass():
     f, g, H2 = value_grad_hessian(lambda t: quartic(t, h), theta)
     assert_close(H2, H, rtol=1e-14)
     assert_close(g, torch.func.grad(quartic)(theta, h), rtol=1e-14)
+
+
+def spd(d, cond, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
+    eig = torch.logspace(0, math.log10(cond), d, dtype=torch.float64)
+    return (Q * eig) @ Q.T, torch.randn(d, dtype=torch.float64, generator=g)
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e4, 1e6])
+def test_cg_matches_a_dense_solve_to_its_tolerance(cond):
+    A, b = spd(40, cond)
+    r = cg(lambda v: A @ v, b, tol=1e-10)
+    assert r.converged and r.residual <= 1e-10 and r.iterations <= 10 * 40
+    assert float((b - A @ r.x).norm() / b.norm()) <= 2e-10  # the true residual, not the recursive one
+    exact = torch.linalg.solve(A, b)
+    assert float((r.x - exact).norm() / exact.norm()) <= cond * 1e-10
+
+
+def test_cg_at_condition_1e8_converges_or_warns():
+    A, b = spd(40, 1e8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = cg(lambda v: A @ v, b, tol=1e-10)
+    assert r.converged and r.iterations <= 400 or any("did not converge" in str(w.message) for w in caught)
+
+
+def test_cg_warns_when_it_runs_out_of_iterations():
+    A, b = spd(40, 1e6)
+    with pytest.warns(RuntimeWarning, match=r"did not converge in 5 iterations: relative residual"):
+        r = cg(lambda v: A @ v, b, tol=1e-12, max_iter=5)
+    assert not r.converged and torch.isfinite(r.x).all()
+
+
+def test_cg_on_an_indefinite_matrix_warns_and_stays_finite():
+    A, b = spd(20, 1e2)
+    A = A - 5 * torch.eye(20, dtype=torch.float64)  # some eigenvalues now negative
+    with pytest.warns(RuntimeWarning, match="non-positive curvature"):
+        r = cg(lambda v: A @ v, b, damping=1.0)
+    assert torch.isfinite(r.x).all()
+    with pytest.raises(ValueError, match="damping must be >= 0"):
+        cg(lambda v: A @ v, b, damping=-1.0)
+
+
+def test_cg_warm_start_and_zero_rhs():
+    A, b = spd(30, 1e3)
+    cold = cg(lambda v: A @ v, b, tol=1e-10)
+    warm = cg(lambda v: A @ v, b, cold.x + 1e-6, tol=1e-10)
+    assert warm.iterations < cold.iterations
+    assert cg(lambda v: A @ v, torch.zeros(30, dtype=torch.float64)).x.abs().max() == 0
+
+
+def test_neumann_residual_falls_with_every_term():
+    A, b = spd(30, 1e2)
+    lam = float(torch.linalg.eigvalsh(A).max())
+    r = neumann(lambda v: A @ v, b, alpha=1 / lam, terms=40)
+    assert len(r.residuals) == 41
+    assert all(b_ < a for a, b_ in zip(r.residuals, r.residuals[1:]))
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        neumann(lambda v: A @ v, b, alpha=0.0, terms=3)
+
+
+def test_hvp_modes_agree_with_the_dense_hessian():
+    theta = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    h = torch.tensor([0.3, 2.0], dtype=torch.float64)
+    v = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    expected = hessian(quartic, theta, h) @ v
+    for mode in ("reverse-over-reverse", "forward-over-reverse"):
+        assert_close(hvp(quartic, theta, v, h, mode=mode), expected, rtol=1e-14)

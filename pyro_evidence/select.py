@@ -21,6 +21,7 @@ from torch.func import grad
 from .hypergrad import METHODS
 from .hypergrad.implicit import check_validation
 from .hypergrad.linalg import NotPositiveDefiniteError
+from .hypergrad.unrolled import UNROLLED
 from .objectives import OBJECTIVES
 from .optim import minimize
 from .problem import Problem
@@ -124,7 +125,9 @@ def select_hyperparameters(
     :param str method: the hypergradient method: ``"ift-exact"`` (dense Hessian, the exact
         total derivative ``∂Q/∂h − (∂²L/∂h∂θ)ᵀ H⁻¹ ∂Q/∂θ``, third derivatives of the Laplace log-det
         included), ``"ift-cg"``, ``"ift-neumann"``, ``"t1-t2"``, ``"larsen"``, ``"greedy"``,
-        ``"darts"`` (see :mod:`pyro_evidence.hypergrad`); ``"hoag"`` — Pedregosa's algorithm: CG to a
+        ``"darts"``, and through the inner trajectory ``"forward"``, ``"rmad"``, ``"truncated"``,
+        ``"drmad"`` (momentum SGD from the previous ``θ``; ``method_options`` take ``steps``,
+        ``lr``, ``momentum``, ``batch_size``) (see :mod:`pyro_evidence.hypergrad`); ``"hoag"`` — Pedregosa's algorithm: CG to a
         tolerance that shrinks with the outer iterations, warm starts, and an adaptive ascent step
         with rejection; ``"graves"`` (ELBO only) — coordinate ascent alternating the fit of ``q``
         with ``h ← argmax_h ELBO(q, h)``, Graves' closed form for a Gaussian prior.
@@ -177,6 +180,9 @@ def select_hyperparameters(
     schedule = method_options.pop("schedule", "quadratic") if method == "hoag" else None
     if method == "larsen":
         method_options.setdefault("per_example", obj.per_example_loss)
+    unrolled = method in UNROLLED
+    if unrolled and "batch_size" in method_options:
+        method_options["step_loss"] = obj.step_loss(method_options.pop("batch_size"), method_options.pop("seed", 0))
 
     start = time.perf_counter()
     history: list[Step] = []
@@ -185,11 +191,16 @@ def select_hyperparameters(
 
     def evaluate(h, **extra):
         try:
-            m = obj.solve(h, state["theta"])
             opts = {**method_options, **extra}
-            if method == "ift-exact":
-                opts.update(jitter=jitter, hessian=m.hessian)
-            hg = METHODS[method](obj.inner_loss, obj.validation, m.theta, h.detach(), **opts)
+            if unrolled:  # the trajectory is the inner solve, warm-started from the last θ_η
+                hg = METHODS[method](obj.inner_loss, obj.validation, state["theta"], h.detach(), **opts)
+                theta = hg.info["theta"]
+            else:
+                m = obj.solve(h, state["theta"])
+                if method == "ift-exact":
+                    opts.update(jitter=jitter, hessian=m.hessian)
+                hg = METHODS[method](obj.inner_loss, obj.validation, m.theta, h.detach(), **opts)
+                theta = m.theta
         except (FloatingPointError, NotPositiveDefiniteError) as e:
             if state["best"] is None:  # nothing good to fall back on: the error speaks for itself
                 raise
@@ -197,12 +208,12 @@ def select_hyperparameters(
         value, gmax = float(hg.value), float(hg.grad.abs().max())
         if not (math.isfinite(value) and math.isfinite(gmax)):
             raise _NonFinite(len(history) + 1, f"Q = {value}, max |dQ/dh| = {gmax}")
-        state["theta"] = m.theta
+        state["theta"] = theta
         history.append(
             Step(value, {k: v.detach().clone() for k, v in problem.params(h).items()}, gmax, time.perf_counter() - start)
         )
         if state["best"] is None or value >= state["best"][0]:
-            state["best"] = (value, h.detach().clone(), m.theta, hg.value.detach(), gmax)
+            state["best"] = (value, h.detach().clone(), theta, hg.value.detach(), gmax)
         bar.update(1)
         bar.set_postfix(Q=f"{value:.6g}", grad=f"{gmax:.2g}")
         return hg

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .greedy import GREEDY
 from .implicit import IMPLICIT, check_validation
+from .unrolled import UNROLLED
 
 __all__ = ["METHODS", "hypergradient"]
 
-METHODS = {**IMPLICIT, **GREEDY}
+METHODS = {**IMPLICIT, **GREEDY, **UNROLLED}
 
 
 def hypergradient(inner_loss, validation, theta, h, method: str = "ift-exact", **options):
@@ -22,7 +23,8 @@ def hypergradient(inner_loss, validation, theta, h, method: str = "ift-exact", *
     :param str method: one of :data:`METHODS`; ``options`` go to it (``tol``, ``max_iter``,
         ``damping``, ``x0`` for CG; ``alpha``, ``terms`` for Neumann; ``lr`` for T1–T2, greedy
         and DARTS; ``eps`` for DARTS; ``per_example`` for Larsen; ``hessian``, ``jitter`` for the
-        dense solve).
+        dense solve; ``steps``, ``lr``, ``momentum``, ``step_loss``, ``last`` for the unrolled
+        methods, where ``theta`` is the starting point ``θ_0``).
     :returns: :class:`~pyro_evidence.hypergrad.implicit.Hypergradient`.
     """
     if method not in METHODS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..optim import Minimum, minimize
@@ -38,6 +39,28 @@ class Objective:
 
     def validation(self, theta, h):
         raise NotImplementedError
+
+    def weighted_loss(self, theta, h, weights):
+        """``L`` with the row log-likelihoods multiplied by ``weights`` (shape ``(N,)``)."""
+        raise NotImplementedError(f"objective {self.name!r} has no per-row weighted loss (minibatches)")
+
+    def step_loss(self, batch_size: int, seed: int = 0):
+        """``(θ, h, t) ↦ L`` on minibatch ``t``: ``batch_size`` rows drawn without replacement
+        (seeded by ``seed`` and ``t``), their log-likelihood scaled by ``N / batch_size`` so
+        that each step's loss is an unbiased estimate of the full one."""
+        n = self.problem.num_data
+        if not 1 <= batch_size <= n:
+            raise ValueError(f"batch_size must lie in [1, N = {n}], got {batch_size}")
+
+        def loss(theta, h, t):
+            # numpy draws the rows: no torch random op may run under a torch.func transform
+            rows = np.random.default_rng([seed, t]).permutation(n)[:batch_size]
+            weights = np.zeros(n)
+            weights[rows] = n / batch_size
+            weights = torch.as_tensor(weights, dtype=self.problem.dtype, device=self.problem.device)
+            return self.weighted_loss(theta, h, weights)
+
+        return loss
 
     def solve(self, h, theta0=None) -> Minimum:
         """The inner minimiser ``θ*(h)``, warm-started from ``theta0``."""

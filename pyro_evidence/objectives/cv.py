@@ -83,6 +83,10 @@ class _MaskedObjective(Objective):
         _, rows = self.fold_terms(theta, h)
         return (self.test * rows).sum()
 
+    def weighted_loss(self, theta, h, weights):
+        prior, rows = self.fold_terms(theta, h)
+        return -(prior + self.train_scale * (self.train * weights * rows).sum(-1)).sum() / self.k
+
     def per_example_loss(self, theta, h):
         """``L`` spread over (fold, row) pairs, flattened."""
         prior, rows = self.fold_terms(theta, h)

@@ -52,6 +52,10 @@ class LaplaceObjective(Objective):
     def inner_loss(self, theta, h):
         return self.problem.loss(theta, h)
 
+    def weighted_loss(self, theta, h, weights):
+        prior, rows = self.problem.terms(theta, h)
+        return -(prior + (weights * rows).sum())
+
     def per_example_loss(self, theta, h):
         """``L`` spread over the rows: ``−log p(y_i | w) − (log p(w | h) + log|J|) / N``."""
         prior, rows = self.problem.terms(theta, h)

@@ -120,17 +120,20 @@ def t1_t2(inner_loss, validation, theta, h, *, lr: float | None = None):
     return _finish(inner_loss, theta, h, value, g_h, lr * g_theta, lr=lr)
 
 
-def larsen(inner_loss, validation, theta, h, *, per_example=None, damping: float = 1e-8):
+def larsen(inner_loss, validation, theta, h, *, per_example=None, damping: float = 1e-3):
     """``H ≈ JᵀJ``, ``J`` the Jacobian of the per-example losses (Larsen et al. 1996), solved
-    densely with ``damping·I`` added.
+    densely with ``damping · mean(diag JᵀJ) · I`` added (``JᵀJ`` has rank at most ``N``).
 
     :param per_example: ``(θ, h) → (N,)`` per-example losses that sum to ``L``.
+    :param float damping: relative to the mean diagonal of ``JᵀJ``.
     """
     if per_example is None:
         raise ValueError("method 'larsen' needs per_example=: a function (theta, h) -> per-example losses")
     value, g_theta, g_h = _partials(validation, theta, h)
     J = jacrev(per_example)(theta, h)
-    return _finish(inner_loss, theta, h, value, g_h, dense_solve(J.T @ J, g_theta, damping), damping=damping)
+    G = J.T @ J
+    shift = damping * float(G.diagonal().mean())
+    return _finish(inner_loss, theta, h, value, g_h, dense_solve(G, g_theta, shift), damping=shift)
 
 
 def check_validation(validation, theta, h):

@@ -84,7 +84,6 @@ def demo(
             import matplotlib
 
             matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
         except ImportError:
             print("matplotlib is not installed: no plot written", file=out)
             return rows

@@ -233,6 +233,26 @@ def _rows(site, n):
     return None
 
 
+def split_by_row(trace, prior, n, override=None):
+    """Splits a trace's log density into ``(prior, rows)``: ``rows`` (or None) sums the per-row
+    log-likelihood of the observed sites in a plate of size ``n``; every other site adds to
+    ``prior``. ``override(name, site)`` may return a site's contribution to ``prior`` instead."""
+    rows = None
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        replaced = override(name, site) if override is not None else None
+        if replaced is not None:
+            prior = prior + replaced
+            continue
+        per_row = _rows(site, n) if site["is_observed"] else None
+        if per_row is None:
+            prior = prior + _site_log_prob(site).sum()
+        else:
+            rows = per_row if rows is None else rows + per_row
+    return prior, rows
+
+
 def _site_log_prob(site):
     lp = site["fn"].log_prob(site["value"])
     return scale_and_mask(lp, site["scale"], site["mask"])
@@ -410,17 +430,8 @@ class Problem:
         """
         trace, log_jacobian = self.trace(theta, h, args)
         n = self.num_data if args is None else next(a for a in args if a is not None).shape[0]
-        prior = log_jacobian
-        rows = 0.0
-        for site in trace.nodes.values():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            per_row = _rows(site, n) if site["is_observed"] else None
-            if per_row is None:
-                prior = prior + _site_log_prob(site).sum()
-            else:
-                rows = rows + per_row
-        if not isinstance(rows, torch.Tensor):
+        prior, rows = split_by_row(trace, log_jacobian, n)
+        if rows is None:
             raise ValueError(
                 f"no observed site of the model lies in a pyro.plate of size N = {n}; per-row "
                 "log-likelihoods (cross-validation, hold-out) need one"

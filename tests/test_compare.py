@@ -11,8 +11,6 @@ from pyro_evidence.compare import _arviz, compare_models, to_inference_data
 from pyro_evidence.datasets import sin_data
 from pyro_evidence.models import linear_regression, polynomial_features, polynomial_regression
 
-from .common import assert_close
-
 pytest.importorskip("arviz")
 pytest.importorskip("pandas")
 

@@ -19,7 +19,6 @@ the training loop, with no inner convergence at all.
 
 from __future__ import annotations
 
-import torch
 from torch.func import grad, grad_and_value
 
 from .implicit import Hypergradient, default_step

@@ -41,12 +41,10 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
-from pyro.poutine.util import site_is_subsample
-from torch.distributions import biject_to, constraints, kl_divergence
+from torch.distributions import constraints, kl_divergence
 from torch.func import vmap
 
-from ..optim import minimize
-from ..problem import Problem, _rows, _site_log_prob
+from ..problem import Problem, split_by_row
 from .base import Objective
 
 __all__ = ["ElboObjective", "ElboEvidence", "elbo_evidence", "standard_normal_particles"]
@@ -129,26 +127,18 @@ class ElboObjective(Objective):
         problem = self.problem
         n = problem.num_data
 
+        def kl(name, site):
+            if name not in self.analytic:
+                return None
+            s, fn = problem._latent_by_name[name], site["fn"]
+            q = dist.Normal(loc[s.slice].reshape(s.shape), scale[s.slice].reshape(s.shape))
+            q = q.to_event(fn.event_dim) if fn.event_dim else q
+            return -(kl_divergence(q, fn) * site["scale"]).sum()
+
         def one(e):
-            z = loc + scale * e
-            trace, log_jacobian = problem.trace(z, h)
-            prior, rows = log_jacobian, torch.zeros(n, dtype=theta.dtype, device=theta.device)
-            for name, site in trace.nodes.items():
-                if site["type"] != "sample" or site_is_subsample(site):
-                    continue
-                if name in self.analytic:
-                    s = problem._latent_by_name[name]
-                    fn = site["fn"]
-                    q = dist.Normal(loc[s.slice].reshape(s.shape), scale[s.slice].reshape(s.shape))
-                    q = q.to_event(fn.event_dim) if fn.event_dim else q
-                    prior = prior - (kl_divergence(q, fn) * site["scale"]).sum()
-                    continue
-                per_row = _rows(site, n) if site["is_observed"] else None
-                if per_row is None:
-                    prior = prior + _site_log_prob(site).sum()
-                else:
-                    rows = rows + per_row
-            return prior, rows
+            trace, log_jacobian = problem.trace(loc + scale * e, h)
+            prior, rows = split_by_row(trace, log_jacobian, n, override=kl)
+            return prior, torch.zeros(n, dtype=theta.dtype, device=theta.device) if rows is None else rows
 
         return vmap(one)(eps)
 

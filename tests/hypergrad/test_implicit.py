@@ -15,27 +15,11 @@ from ..common import assert_close
 
 
 def test_ift_exact_on_ridge_with_closed_form_solution():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(40, 6, dtype=torch.float64, generator=g)
-    y = X @ torch.randn(6, dtype=torch.float64, generator=g) + 0.3 * torch.randn(40, dtype=torch.float64, generator=g)
-    Xv = torch.randn(30, 6, dtype=torch.float64, generator=g)
-    yv = Xv @ torch.ones(6, dtype=torch.float64)
-
-    def inner_loss(theta, h):
-        return 0.5 * ((X @ theta - y) ** 2).sum() + 0.5 * (h.exp() * theta**2).sum()
-
-    def validation(theta, h):
-        return -0.5 * ((Xv @ theta - yv) ** 2).sum()
-
-    def theta_star(h):
-        return torch.linalg.solve(X.T @ X + torch.diag(h.exp()), X.T @ y)
-
-    h = torch.linspace(-1, 2, 6, dtype=torch.float64)
-    exact = torch.func.grad(lambda h_: validation(theta_star(h_), h_))(h)
-    hg = hypergradient(inner_loss, validation, theta_star(h), h, method="ift-exact")
+    L, Q, _, theta, h, exact, _ = ridge()
+    hg = hypergradient(L, Q, theta, h, method="ift-exact")
     assert_close(hg.grad, exact, rtol=1e-10)
-    assert_close(hg.value, validation(theta_star(h), h), rtol=1e-14)
-    assert_close(hg.partial, torch.zeros(6, dtype=torch.float64))
+    assert_close(hg.value, Q(theta, h), rtol=1e-14)
+    assert_close(hg.partial, torch.zeros(8, dtype=torch.float64))
 
 
 def test_hypergradient_checks_its_arguments():

@@ -24,7 +24,7 @@ def set_params(**values):
 
 def by_hand(X, y, folds, k, alpha=ALPHA, beta=BETA):
     """Closed-form MAP of each fold with the k/(k−1) weighting, Gaussian held-out density."""
-    total, per_fold = 0.0, []
+    per_fold = []
     s = k / (k - 1)
     for q in range(k):
         test = torch.as_tensor(folds == q)

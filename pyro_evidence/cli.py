@@ -9,7 +9,7 @@ import time
 import pyro
 import torch
 
-__all__ = ["main", "demo"]
+__all__ = ["main", "demo", "select"]
 
 
 def demo(
@@ -128,6 +128,75 @@ def _plot(rows, fits, x, y, best_degree, output):
     plt.close(fig)
 
 
+_CASES = {
+    # name: (model factory, data loader, description)
+    "linear-diabetes": ("linear_regression", "diabetes", "Bayesian linear regression on scikit-learn's diabetes data"),
+    "ard-diabetes": ("linear_regression_ard", "diabetes", "ARD linear regression (one precision per feature) on diabetes"),
+    "logistic-cancer": ("logistic_regression", "cancer", "logistic regression on scikit-learn's breast cancer data"),
+    "polynomial-sin": ("polynomial_regression", "sin", "degree-5 Legendre regression on the demo's sin(2πx) data"),
+}
+
+
+def _case(name, device):
+    from functools import partial
+
+    from . import datasets, models
+
+    model_name, data, _ = _CASES[name]
+    if data == "diabetes":
+        args = datasets.diabetes(device=device)
+    elif data == "cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        X, y = load_breast_cancer(return_X_y=True)
+        args = (
+            datasets.standardize(torch.as_tensor(X)).to(device),
+            torch.as_tensor(y, dtype=torch.float64, device=device),
+        )
+    else:
+        x, y = datasets.sin_data(device=device)
+        args = (2 * x - 1, y)
+    if model_name == "linear_regression_ard":
+        return partial(models.linear_regression, ard=True), args
+    if model_name == "polynomial_regression":
+        return partial(models.polynomial_regression, degree=5), args
+    return getattr(models, model_name), args
+
+
+def select(argv_args, out=sys.stdout):
+    """``pyro-evidence select``: one selection on a reference model and built-in data."""
+    from . import select_hyperparameters
+
+    model, args = _case(argv_args.case, argv_args.device)
+    pyro.clear_param_store()
+    start = time.perf_counter()
+    sel = select_hyperparameters(
+        model,
+        *args,
+        objective=argv_args.objective,
+        method=argv_args.method,
+        max_steps=argv_args.max_steps,
+        n_trials=argv_args.n_trials,
+        storage=argv_args.storage,
+        study_name=argv_args.study_name,
+        seed=argv_args.seed,
+        checkpoint=argv_args.checkpoint,
+        resume=argv_args.resume,
+        progress=None if argv_args.progress else False,
+    )
+    seconds = time.perf_counter() - start
+    print(f"{_CASES[argv_args.case][2]}: objective={argv_args.objective}, method={argv_args.method}", file=out)
+    print(f"{'hyperparameter':>20}  value", file=out)
+    for name, value in sel.hyperparameters.items():
+        shown = f"{float(value):.6g}" if value.numel() == 1 else "[" + ", ".join(f"{float(v):.4g}" for v in value.reshape(-1)) + "]"
+        print(f"{name:>20}  {shown}", file=out)
+    print(f"{'objective':>20}  {float(sel.objective):.6f}", file=out)
+    print(f"{'evaluations':>20}  {len(sel.history)}", file=out)
+    print(f"{'converged':>20}  {sel.converged}", file=out)
+    print(f"{'seconds':>20}  {seconds:.2f} on {args[0].device}", file=out)
+    return sel
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="pyro-evidence", description="Evidence-based model selection for Pyro models."
@@ -140,10 +209,29 @@ def main(argv=None) -> int:
     p.add_argument("--max-degree", type=int, default=9, help="largest degree tried (9)")
     p.add_argument("--output", default="pyro_evidence_demo.png", help="PNG path ('' for none)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (cpu)")
+    q = sub.add_parser("select", help="select hyperparameters of a reference model on built-in data")
+    q.add_argument("--case", choices=sorted(_CASES), default="linear-diabetes", help="model and data (linear-diabetes)")
+    q.add_argument("--objective", default="laplace", help="laplace | elbo | cv | holdout (laplace)")
+    q.add_argument("--method", default="ift-exact", help="a hypergradient method, hoag, graves, or grid | random | gp (ift-exact)")
+    q.add_argument("--max-steps", type=int, default=100, help="outer evaluations at most (100)")
+    q.add_argument("--n-trials", type=int, default=None, help="black-box search: the study's trials in all")
+    q.add_argument("--storage", default=None, help="Optuna storage URL or journal file path (search)")
+    q.add_argument("--study-name", default=None, help="the study's name in the storage")
+    q.add_argument("--checkpoint", default=None, help="checkpoint file (gradient methods)")
+    q.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cpu", help="torch device, e.g. cuda (cpu)")
+    q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = parser.parse_args(argv)
+    if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    if args.command == "select":
+        try:
+            select(args)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            parser.error(str(e))
+        return 0
     if args.command == "demo":
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            parser.error("--device cuda: CUDA is not available on this machine")
         demo(
             n=args.n,
             noise=args.noise,

@@ -25,6 +25,7 @@ from .hypergrad.unrolled import UNROLLED
 from .objectives import OBJECTIVES
 from .optim import minimize
 from .problem import Problem
+from .search import SEARCH_METHODS, history_of, search
 
 __all__ = ["Selection", "Step", "select_hyperparameters"]
 
@@ -111,6 +112,15 @@ def select_hyperparameters(
     inner_max_iter: int = 500,
     objective_options: dict | None = None,
     method_options: dict | None = None,
+    n_trials: int | None = None,
+    bounds: dict | None = None,
+    grid: dict | None = None,
+    storage=None,
+    study_name: str | None = None,
+    seed: int = 0,
+    checkpoint: str | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
 ) -> Selection:
     """
     Selects the ``pyro.param`` hyperparameters of a Pyro model by maximising an objective.
@@ -148,10 +158,25 @@ def select_hyperparameters(
     :param dict method_options: passed to the method, e.g. ``{"tol": 1e-8}`` for CG,
         ``{"terms": 100}`` for Neumann, ``{"lr": 1e-3}`` for T1–T2, greedy and DARTS;
         for HOAG ``{"schedule": "exponential" | "quadratic" | "cubic"}``.
+    :param int n_trials: black-box search (``method="grid" | "random" | "gp"``, on Optuna): the
+        study's completed trials in all, however many processes share it (default ``max_steps``;
+        for ``grid`` the whole grid).
+    :param dict bounds: ``{name: (low, high)}`` in constrained values; the search box is their
+        image in unconstrained space (log scale for positive parameters); default four decades
+        either side of the initial value.
+    :param dict grid: explicit grid points ``{name: [values]}``; without it a grid of 10 points per
+        element is built, for at most 3 elements.
+    :param storage: an Optuna storage URL (``sqlite:///study.db``) or a journal file path: the
+        study persists there, resumes after a kill and is shared by every process using it.
+    :param str study_name: the study's name in the storage.
+    :param int seed: the samplers' seed.
+    :param str checkpoint: gradient-based methods: a file to which ``h``, the outer optimiser's
+        state, the warm-start ``θ``, the history and the random-number state are written every
+        ``checkpoint_every`` outer steps (write, then rename). ``resume=True`` continues from it.
     :rtype: Selection
     """
     _check_choice("objective", objective, OBJECTIVES)
-    _check_choice("method", method, {**METHODS, "graves": None})
+    _check_choice("method", method, {**METHODS, "graves": None, **dict.fromkeys(SEARCH_METHODS)})
     if method == "graves" and objective != "elbo":
         raise ValueError(
             f"method='graves' is the closed-form prior update of the ELBO; it needs "
@@ -186,10 +211,13 @@ def select_hyperparameters(
 
     start = time.perf_counter()
     history: list[Step] = []
-    state = {"theta": obj.theta_init, "best": None, "last_good": None}
+    state = {"theta": obj.theta_init, "best": None, "cache": None}
     bar = tqdm(total=max_steps, desc=f"select ({objective}, {method})", disable=None if progress is None else not progress)
 
     def evaluate(h, **extra):
+        cached = state.get("cache")
+        if cached is not None and not extra and torch.equal(cached[0], h):
+            return cached[1]  # L-BFGS re-evaluates the point its last line search ended on
         try:
             opts = {**method_options, **extra}
             if unrolled:  # the trajectory is the inner solve, warm-started from the last θ_η
@@ -216,7 +244,21 @@ def select_hyperparameters(
             state["best"] = (value, h.detach().clone(), theta, hg.value.detach(), gmax)
         bar.update(1)
         bar.set_postfix(Q=f"{value:.6g}", grad=f"{gmax:.2g}")
+        state["cache"] = (h.detach().clone(), hg)
         return hg
+
+    if (checkpoint is not None or resume) and (method in SEARCH_METHODS or method in ("hoag", "graves")):
+        raise ValueError(
+            f"checkpoint=/resume= serve the L-BFGS and Adam outer loops; method {method!r} "
+            + ("persists through storage=" if method in SEARCH_METHODS else "has its own loop")
+        )
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint= (the file to resume from)")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if method in SEARCH_METHODS:
+        return _black_box(obj, problem, method, n_trials if n_trials is not None else (None if method == "grid" else max_steps),
+                          bounds, grid, storage, study_name, seed, bar, start, objective)
 
     h = obj.h_init.detach().clone().requires_grad_(True)
     stopped = None
@@ -225,33 +267,8 @@ def select_hyperparameters(
             _coordinate_ascent(obj, h.detach(), state, history, max_steps, tol, start, bar)
         elif method == "hoag":
             _hoag(evaluate, h.detach(), state, max_steps, tol, schedule, lr)
-        elif optimizer == "lbfgs":
-            outer = torch.optim.LBFGS(
-                [h],
-                lr=1.0 if lr is None else lr,
-                max_iter=max_steps,
-                max_eval=max_steps,
-                tolerance_grad=tol,
-                tolerance_change=0.0,
-                history_size=20,
-                line_search_fn="strong_wolfe",
-            )
-
-            def closure():
-                hg = evaluate(h.detach())
-                h.grad = -hg.grad
-                return -hg.value.detach()
-
-            outer.step(closure)
         else:
-            outer = torch.optim.Adam([h], lr=0.05 if lr is None else lr)
-            for _ in range(max_steps):
-                hg = evaluate(h.detach())
-                if float(hg.grad.abs().max()) <= tol:
-                    break
-                outer.zero_grad()
-                h.grad = -hg.grad
-                outer.step()
+            _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, problem, checkpoint, checkpoint_every, resume)
     except KeyboardInterrupt:
         if state["best"] is None:
             raise
@@ -290,6 +307,143 @@ def select_hyperparameters(
         method=method,
         problem=problem,
     )
+
+
+def _black_box(obj, problem, method, n_trials, bounds, grid, storage, study_name, seed, bar, start, objective):
+    """Optuna search; the result is a Selection like the gradient methods'."""
+    if n_trials is not None:
+        bar.total = n_trials
+
+    def on_trial(h, value):
+        bar.update(1)
+        bar.set_postfix(Q=f"{value:.6g}")
+
+    try:
+        study = search(obj, method, n_trials=n_trials, bounds=bounds, grid=grid, storage=storage, study_name=study_name, seed=seed, on_trial=on_trial)
+    finally:
+        bar.close()
+    trials = history_of(study, problem)
+    if not trials:
+        raise RuntimeError("the search completed no trial")
+    history = [
+        Step(value, {k: v.detach().clone() for k, v in problem.params(h).items()}, math.nan, seconds)
+        for value, h, seconds, _ in trials
+    ]
+    value, h_best, _, _ = max(trials, key=lambda t: t[0])
+    m = obj.solve(h_best)
+    problem.write_params(h_best)
+    return Selection(
+        hyperparameters={k: v.detach() for k, v in problem.params(h_best).items()},
+        objective=obj.validation(m.theta, h_best).detach(),
+        history=history,
+        converged=len(trials) >= (n_trials or 0),
+        theta=m.theta,
+        h=h_best,
+        objective_name=objective,
+        method=method,
+        problem=problem,
+    )
+
+
+def _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, problem, checkpoint, every, resume):
+    """Ascent on ``Q`` one outer iteration at a time (L-BFGS with a strong-Wolfe line search, or
+    Adam), checkpointing every ``every`` iterations and resuming from a checkpoint."""
+    if optimizer == "lbfgs":
+        outer = torch.optim.LBFGS(
+            [h], lr=1.0 if lr is None else lr, max_iter=1, max_eval=25, tolerance_grad=tol,
+            tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe",
+        )
+    else:
+        outer = torch.optim.Adam([h], lr=0.05 if lr is None else lr)
+    done = 0
+    if resume:
+        done = _load_checkpoint(checkpoint, h, outer, history, state, problem)
+
+    def closure():
+        hg = evaluate(h.detach())
+        h.grad = -hg.grad
+        return -hg.value.detach()
+
+    while len(history) < max_steps:
+        if optimizer == "lbfgs":
+            before = h.detach().clone()
+            outer.step(closure)
+            stalled = torch.equal(before, h.detach())
+        else:
+            closure()
+            stalled = False
+        done += 1
+        if checkpoint is not None and done % every == 0:
+            save_checkpoint(checkpoint, h, outer, history, state, done)
+        if state["cache"] is not None and float(state["cache"][1].grad.abs().max()) <= tol:
+            evaluate(h.detach())  # the converged point itself, for the record
+            break
+        if stalled:
+            break
+        if optimizer == "adam":
+            outer.step()
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, h, outer, history, state, done)
+
+
+def save_checkpoint(path, h, outer, history, state, done):
+    """Writes the outer loop's state as tensors (loadable with ``weights_only=True``), to a
+    temporary file first and then renamed over ``path``, so a kill never leaves half a file."""
+    import os
+
+    payload = {
+        "format": "pyro-evidence/checkpoint/1",
+        "done": done,
+        "h": h.detach().clone(),
+        "theta": state["theta"].detach().clone(),
+        "optimizer": outer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "objective": torch.tensor([s.objective for s in history], dtype=torch.float64),
+        "grad_norm": torch.tensor([s.grad_norm for s in history], dtype=torch.float64),
+        "seconds": torch.tensor([s.seconds for s in history], dtype=torch.float64),
+        "hyperparameters": {
+            name: torch.stack([s.hyperparameters[name] for s in history]) for name in (history[0].hyperparameters if history else {})
+        },
+    }
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path, h, outer, history, state, problem):
+    import os
+    import pickle
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"resume=True but there is no checkpoint at {path!r}")
+    try:
+        payload = torch.load(path, weights_only=True, map_location=problem.device)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing checkpoint {path!r}: it holds more than tensors and plain values ({e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != "pyro-evidence/checkpoint/1":
+        raise ValueError(f"{path!r} is not a pyro-evidence checkpoint")
+    if payload["h"].shape != h.shape:
+        raise ValueError(f"checkpoint {path!r} has {payload['h'].numel()} hyperparameter elements, this problem {h.numel()}")
+    with torch.no_grad():
+        h.copy_(payload["h"])
+    outer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["rng"].cpu())
+    state["theta"] = payload["theta"]
+    names = list(payload["hyperparameters"])
+    for i in range(payload["objective"].numel()):
+        history.append(
+            Step(
+                float(payload["objective"][i]),
+                {n: payload["hyperparameters"][n][i] for n in names},
+                float(payload["grad_norm"][i]),
+                float(payload["seconds"][i]),
+            )
+        )
+    if history:
+        best = max(range(len(history)), key=lambda i: history[i].objective)
+        h_best = problem.unconstrain(history[best].hyperparameters)
+        state["best"] = (history[best].objective, h_best, state["theta"], torch.tensor(history[best].objective), history[best].grad_norm)
+    return int(payload["done"])
 
 
 class _NonFinite(Exception):

@@ -55,3 +55,23 @@ def test_cuda_refused_without_cuda():
         pytest.skip("CUDA is available here")
     with pytest.raises(SystemExit):
         main(["demo", "--device", "cuda"])
+
+
+def test_select_command_prints_a_table():
+    out = io.StringIO()
+    from argparse import Namespace
+
+    from pyro_evidence.cli import select
+
+    args = Namespace(case="linear-diabetes", objective="laplace", method="ift-cg", max_steps=50, n_trials=None, storage=None,
+                     study_name=None, seed=0, checkpoint=None, resume=False, device="cpu", progress=False)
+    sel = select(args, out=out)
+    text = out.getvalue()
+    assert "prior_precision" in text and "objective" in text and "converged" in text
+    assert sel.converged
+
+
+def test_select_command_reports_bad_input(capsys):
+    with pytest.raises(SystemExit):
+        main(["select", "--method", "random", "--storage", "ftp://nowhere", "--no-progress"])
+    assert "unknown storage scheme 'ftp'" in capsys.readouterr().err

@@ -11,7 +11,6 @@ Usage: python benchmarks/bench_search.py [--trials 40] [--output FILE]
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

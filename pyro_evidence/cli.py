@@ -222,7 +222,28 @@ def main(argv=None) -> int:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu", help="torch device, e.g. cuda (cpu)")
     q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    e = sub.add_parser("experiment", help="the seed's experiments (synthetic polynomial design)")
+    e.add_argument("name", choices=["synthetic"], help="which experiment")
+    e.add_argument("--objective", choices=["cv", "elbo"], action="append", help="validation function (both by default)")
+    e.add_argument("--methods", nargs="+", default=None, help="methods (all of the seed's by default)")
+    e.add_argument("--runs", type=int, default=5, help="runs per method and validation function (5)")
+    e.add_argument("--iterations", type=int, default=50, help="hyperparameter iterations (50)")
+    e.add_argument("--fast", action="store_true", help="one run, 3 iterations (for CI)")
+    e.add_argument("--output-dir", default="experiment_results", help="where the CSV and Markdown go")
     args = parser.parse_args(argv)
+    if args.command == "experiment":
+        from .experiments import METHODS, run_synthetic, write_results
+
+        methods = args.methods or METHODS
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"unknown method {unknown[0]!r}; the experiment's methods are {METHODS}")
+        results = run_synthetic(tuple(args.objective or ("cv", "elbo")), methods, args.runs, args.iterations, fast=args.fast)
+        command = "pyro-evidence " + " ".join(argv if argv is not None else sys.argv[1:])
+        csv_path, md_path = write_results(results, args.output_dir, command)
+        print(open(md_path).read())
+        print(f"written: {csv_path}, {md_path}")
+        return 0
     if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     if args.command == "select":

@@ -144,9 +144,9 @@ def select_hyperparameters(
     :param hyperparameters: names of the param sites to select (default: all of the model's).
     :param dict model_kwargs: keyword arguments for the model.
     :param str optimizer: ``"lbfgs"`` (quasi-Newton with strong-Wolfe line search; the default for
-        the exact methods ``ift-exact`` and ``ift-cg``) or ``"adam"`` (gradient ascent with step
+        the exact methods ``ift-exact`` and ``ift-cg``), ``"adam"`` (gradient ascent with step
         ``lr``, default 0.05; the default for the approximate methods, whose gradients a line
-        search cannot trust).
+        search cannot trust), or ``"sgd"`` (plain gradient ascent ``h ← h + lr·dQ/dh``).
     :param int max_steps: outer evaluations at most.
     :param float tol: stop when ``max |dQ/dh| ≤ tol`` (unconstrained ``h``); default 1e-6 in
         float64, ``10√ε`` in lower precision.
@@ -184,7 +184,7 @@ def select_hyperparameters(
         )
     if optimizer is None:
         optimizer = "lbfgs" if method in ("ift-exact", "ift-cg") else "adam"
-    _check_choice("optimizer", optimizer, ("lbfgs", "adam"))
+    _check_choice("optimizer", optimizer, ("lbfgs", "adam", "sgd"))
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     problem = Problem(
@@ -353,8 +353,10 @@ def _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, prob
             [h], lr=1.0 if lr is None else lr, max_iter=1, max_eval=25, tolerance_grad=tol,
             tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe",
         )
-    else:
+    elif optimizer == "adam":
         outer = torch.optim.Adam([h], lr=0.05 if lr is None else lr)
+    else:  # plain gradient ascent, h ← h + lr · dQ/dh
+        outer = torch.optim.SGD([h], lr=0.05 if lr is None else lr)
     done = 0
     if resume:
         done = _load_checkpoint(checkpoint, h, outer, history, state, problem)
@@ -380,7 +382,7 @@ def _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, prob
             break
         if stalled:
             break
-        if optimizer == "adam":
+        if optimizer != "lbfgs":
             outer.step()
     if checkpoint is not None:
         save_checkpoint(checkpoint, h, outer, history, state, done)

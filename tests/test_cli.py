@@ -75,3 +75,15 @@ def test_select_command_reports_bad_input(capsys):
     with pytest.raises(SystemExit):
         main(["select", "--method", "random", "--storage", "ftp://nowhere", "--no-progress"])
     assert "unknown storage scheme 'ftp'" in capsys.readouterr().err
+
+
+def test_experiment_fast_mode(tmp_path):
+    code = main(["experiment", "synthetic", "--fast", "--objective", "cv", "--methods", "random", "ift-cg", "rmad", "--output-dir", str(tmp_path)])
+    assert code == 0
+    table = (tmp_path / "synthetic.md").read_text()
+    for method in ("random", "ift-cg", "rmad"):
+        assert f"| cv | {method} |" in table
+    assert "Deviations from the protocol" in table and "σ = 0.5" in table
+    rows = (tmp_path / "synthetic.csv").read_text().splitlines()
+    assert len(rows) == 4  # header and one run per method
+    assert len((tmp_path / "synthetic_trajectories.csv").read_text().splitlines()) == 1 + 3 * 3

@@ -23,3 +23,20 @@ def test_evidence_vs_cv_fast(tmp_path):
         assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 10_000
         assert f"figures/{figure}.png" in text
     assert "Laplace log evidence" in text and "PSIS-LOO" in text
+
+
+def test_experiments_tutorial_renders_from_results(tmp_path):
+    from pyro_evidence.cli import main
+
+    results = tmp_path / "results"
+    assert main(["experiment", "synthetic", "--fast", "--methods", "random", "ift-cg", "--output-dir", str(results)]) == 0
+    script = os.path.join(ROOT, "tutorials", "experiments.py")
+    out = tmp_path / "rendered"
+    done = subprocess.run(
+        [sys.executable, script, "--results", str(results), "--output-dir", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (out / "experiments.md").read_text()
+    assert "| cv | ift-cg |" in text and "| elbo | random |" in text
+    for figure in ("synthetic_q", "synthetic_noise"):
+        assert (out / "figures" / f"{figure}.png").stat().st_size > 10_000

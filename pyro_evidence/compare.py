@@ -20,7 +20,7 @@ from torch.func import vmap
 
 from .objectives.cv import cv_log_predictive
 from .objectives.elbo import elbo_evidence
-from .objectives.laplace import laplace_evidence
+from .objectives.laplace import gaussian_draws, laplace_evidence
 from .problem import Problem
 
 __all__ = ["compare_models", "to_inference_data", "laplace_draws"]
@@ -40,11 +40,7 @@ def _own_params():
 
 def laplace_draws(result, num_samples: int = 1000, seed: int = 0):
     """Draws ``θ_s ~ N(θ̂, H⁻¹)`` of a :class:`~pyro_evidence.LaplaceEvidence`, shape ``(S, D)``."""
-    g = torch.Generator().manual_seed(seed)
-    theta = result.theta
-    eps = torch.randn(num_samples, theta.numel(), generator=g, dtype=torch.float64).to(theta)
-    factor = torch.linalg.cholesky(result.hessian)
-    return theta + torch.linalg.solve_triangular(factor.mT, eps.T, upper=True).T
+    return gaussian_draws(result.theta, result.hessian, num_samples, seed)
 
 
 def _arviz():

@@ -325,10 +325,8 @@ def cv_log_predictive(
 
 def _laplace_rows(problem, theta, blocks, h, num_samples, seed):
     """``log (1/S) Σ_s p(y_i | w_s)``, ``w_s ~ N(ŵ_q, H_q⁻¹)``, for every fold and row."""
-    g = torch.Generator().manual_seed(seed)
-    k, d = theta.shape
-    eps = torch.randn(k, num_samples, d, generator=g, dtype=torch.float64).to(dtype=theta.dtype, device=theta.device)
-    factor = torch.linalg.cholesky(blocks)  # H = L Lᵀ, so w = ŵ + L⁻ᵀ ε has covariance H⁻¹
-    draws = theta[:, None, :] + torch.linalg.solve_triangular(factor.mT, eps.mT, upper=True).mT
+    from .laplace import gaussian_draws
+
+    draws = gaussian_draws(theta, blocks, num_samples, seed)  # (k, S, D)
     rows = vmap(vmap(lambda t: problem.terms(t, h)[1]))(draws)  # (k, S, N)
     return torch.logsumexp(rows, dim=1) - math.log(num_samples)

@@ -30,7 +30,7 @@ from ..hypergrad.linalg import cholesky, hessian_and_value
 from ..problem import Problem
 from .base import Objective
 
-__all__ = ["LaplaceObjective", "LaplaceEvidence", "laplace_evidence"]
+__all__ = ["LaplaceObjective", "LaplaceEvidence", "laplace_evidence", "gaussian_draws"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -65,6 +65,15 @@ class LaplaceObjective(Objective):
         H, loss = hessian_and_value(self.problem.loss, theta, h)
         half_log_det = cholesky(H, self.jitter).diagonal().log().sum()
         return -loss + 0.5 * theta.shape[-1] * _LOG_2PI - half_log_det
+
+
+def gaussian_draws(mean, precision, num_samples: int, seed: int = 0):
+    """``num_samples`` draws of ``N(mean, precision⁻¹)`` (batched over leading dimensions):
+    ``mean + L⁻ᵀ ε`` with ``precision = L Lᵀ``. Shape ``(…, num_samples, d)``."""
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(*mean.shape[:-1], num_samples, mean.shape[-1], generator=g, dtype=torch.float64).to(mean)
+    factor = torch.linalg.cholesky(precision)
+    return mean.unsqueeze(-2) + torch.linalg.solve_triangular(factor.mT, eps.mT, upper=True).mT
 
 
 @dataclass

@@ -33,10 +33,17 @@ NOISE = [("noise_000", 0.0), ("noise_010", 0.1), ("noise_025", 0.25), ("noise_05
 def load(directory, experiment):
     with open(os.path.join(directory, f"{experiment}.csv")) as f:
         runs = list(csv.DictReader(f))
-    curves = defaultdict(lambda: defaultdict(list))
+    per_run = defaultdict(list)
     with open(os.path.join(directory, f"{experiment}_trajectories.csv")) as f:
         for row in csv.DictReader(f):
-            curves[(row["objective"], row["method"])][int(row["iteration"])].append(float(row["Q"]))
+            per_run[(row["objective"], row["method"], row["seed"])].append((int(row["iteration"]), float(row["Q"])))
+    # each run's best Q so far, then the mean over runs at every iteration
+    curves = defaultdict(lambda: defaultdict(list))
+    for (objective, method, _), points in per_run.items():
+        best = -float("inf")
+        for iteration, q in sorted(points):
+            best = max(best, q)
+            curves[(objective, method)][iteration].append(best)
     return runs, curves
 
 
@@ -57,13 +64,9 @@ def render(experiment, directory, figures, out):
             if o != objective:
                 continue
             its = sorted(by_iteration)
-            best_so_far, best = [], -float("inf")
-            for i in its:
-                best = max(best, statistics.mean(by_iteration[i]))
-                best_so_far.append(best)
-            ax.plot(its, best_so_far, label=method)
+            ax.plot(its, [statistics.mean(by_iteration[i]) for i in its], label=method)
         ax.set_xlabel("hyperparameter iteration")
-        ax.set_ylabel(f"best Q so far ({objective}), mean over runs")
+        ax.set_ylabel(f"best Q so far ({objective}), mean of runs")
         ax.set_title(f"{experiment}: {objective}")
         ax.legend(fontsize=7)
     fig.tight_layout()

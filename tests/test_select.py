@@ -96,7 +96,7 @@ def test_progress_bar_is_shown_when_asked(capsys):
     [
         ({"objective": "evidence"}, "unknown objective 'evidence'"),
         ({"method": "magic"}, "unknown method 'magic'"),
-        ({"optimizer": "sgd"}, "unknown optimizer 'sgd'"),
+        ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
         ({"max_steps": 0}, "max_steps must be >= 1"),
         ({"hyperparameters": ["noise"]}, "unknown hyperparameter 'noise'"),
     ],

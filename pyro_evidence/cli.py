@@ -230,6 +230,7 @@ def main(argv=None) -> int:
     e.add_argument("--iterations", type=int, default=50, help="hyperparameter iterations (50)")
     e.add_argument("--fast", action="store_true", help="one run, 3 iterations (for CI)")
     e.add_argument("--output-dir", default="experiment_results", help="where the CSV and Markdown go")
+    e.add_argument("--device", default="cpu", help="torch device of the selections, e.g. cuda (cpu)")
     args = parser.parse_args(argv)
     if args.command == "experiment":
         from .experiments import METHODS, run_synthetic, write_results
@@ -238,7 +239,11 @@ def main(argv=None) -> int:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             parser.error(f"unknown method {unknown[0]!r}; the experiment's methods are {METHODS}")
-        results = run_synthetic(tuple(args.objective or ("cv", "elbo")), methods, args.runs, args.iterations, fast=args.fast)
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available on this machine")
+        results = run_synthetic(
+            tuple(args.objective or ("cv", "elbo")), methods, args.runs, args.iterations, fast=args.fast, device=args.device
+        )
         command = "pyro-evidence " + " ".join(argv if argv is not None else sys.argv[1:])
         csv_path, md_path = write_results(results, args.output_dir, command)
         print(open(md_path).read())

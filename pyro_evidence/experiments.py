@@ -177,14 +177,15 @@ def _convergence(values):
     return next(i + 1 for i, v in enumerate(values) if v >= goal)
 
 
-def run_synthetic(objectives=("cv", "elbo"), methods=METHODS, runs=5, iterations=50, progress=None, fast=False):
+def run_synthetic(objectives=("cv", "elbo"), methods=METHODS, runs=5, iterations=50, progress=None, fast=False, device="cpu"):
     """Every method × validation function × run on the synthetic design; returns a list of
-    :class:`Run`."""
+    :class:`Run`. The selections run on ``device``; the test metrics on the CPU."""
     from tqdm.auto import tqdm
 
     if fast:
         runs, iterations = 1, 3
-    (X, y), (X_test, y_test), (x, _), (mean, std) = synthetic_design(seed=0)
+    (X_cpu, y_cpu), (X_test, y_test), (x, _), (mean, std) = synthetic_design(seed=0)
+    X, y = X_cpu.to(device), y_cpu.to(device)
     jobs = [(o, m) for o in objectives for m in methods]
     results = []
     bar = tqdm(total=len(jobs) * runs, desc="synthetic", disable=None if progress is None else not progress)
@@ -194,8 +195,8 @@ def run_synthetic(objectives=("cv", "elbo"), methods=METHODS, runs=5, iterations
             start = time.perf_counter()
             sel = _select(method, objective, X, y, seed, iterations, lr)
             seconds = time.perf_counter() - start
-            alpha = sel.hyperparameters["prior_precision"]
-            w = _map_weights(X, y, alpha)
+            alpha = sel.hyperparameters["prior_precision"].cpu()
+            w = _map_weights(X_cpu, y_cpu, alpha)
             g = torch.Generator().manual_seed(seed)
             perturbed = {
                 sigma: statistics.mean(
@@ -208,7 +209,7 @@ def run_synthetic(objectives=("cv", "elbo"), methods=METHODS, runs=5, iterations
                 xn = x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype)
                 Xn = features(xn)
                 Xn[:, 1:] = (Xn[:, 1:] - mean) / std
-                noisy[sigma] = _rmse(X_test, y_test, _map_weights(Xn, y, alpha))
+                noisy[sigma] = _rmse(X_test, y_test, _map_weights(Xn, y_cpu, alpha))
             values = [s.objective for s in sel.history]
             results.append(
                 Run("synthetic", objective, method, seed, lr if lr is not None else math.nan, max(values), _convergence(values),

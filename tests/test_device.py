@@ -1,6 +1,7 @@
 """Results follow the data's device and dtype (the CUDA cases run where CUDA is available)."""
 
 import pyro
+import pytest
 import torch
 
 from pyro_evidence import Problem, laplace_evidence, select_hyperparameters
@@ -71,3 +72,14 @@ def test_cv_follows_device(device):
     pyro.clear_param_store()
     ref = cv_log_predictive(linear_regression, *diabetes(), k=4)
     assert_close(r.value, ref.value, rtol=1e-10)
+
+
+def test_experiment_runs_on_the_device(device):
+    from pyro_evidence.experiments import run_synthetic
+
+    kw = {"objectives": ("cv",), "methods": ["ift-cg"], "fast": True, "progress": False}
+    here = run_synthetic(device=device, **kw)[0]
+    pyro.clear_param_store()
+    cpu = run_synthetic(device="cpu", **kw)[0]
+    assert here.best_q == pytest.approx(cpu.best_q, rel=1e-8)
+    assert here.test_rmse == pytest.approx(cpu.test_rmse, rel=1e-6)

@@ -141,13 +141,13 @@ def test_search_killed_with_sigkill_resumes_without_rerunning(tmp_path):
 
 def test_two_workers_share_one_journal(tmp_path):
     journal = str(tmp_path / "shared.log")
-    workers = [launch(tmp_path, "search", journal, 12) for _ in range(2)]
+    workers = [launch(tmp_path, "search", journal, 24) for _ in range(2)]
     for w in workers:
         assert w.wait(timeout=300) == 0, w.stderr.read().decode()[-2000:]
     trials = completed(journal)
-    assert len(trials) == 12
+    assert len(trials) == 24
     params = [tuple(sorted(t.params.items())) for t in trials]
-    assert len(set(params)) == 12
+    assert len(set(params)) == 24
     assert len({t.user_attrs["pid"] for t in trials}) == 2  # both did work
 
 

@@ -94,6 +94,23 @@ def default_bounds(problem, bounds=None):
     return low, high
 
 
+def _NumberedRandomSampler(optuna, seed):
+    """Optuna's random sampler, drawing trial ``n``'s value of a parameter from a generator seeded
+    by ``(seed, n, parameter)``, so processes sharing a study never draw the same points."""
+    import zlib
+
+    import numpy as np
+
+    class NumberedRandomSampler(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            rng = np.random.default_rng([seed, trial.number, zlib.crc32(param_name.encode())])
+            if isinstance(param_distribution, optuna.distributions.FloatDistribution) and not param_distribution.log:
+                return float(rng.uniform(param_distribution.low, param_distribution.high))
+            return super().sample_independent(study, trial, param_name, param_distribution)
+
+    return NumberedRandomSampler(seed=seed)
+
+
 def _fail_orphans(study, optuna):
     """Trials left RUNNING by a process of this host that no longer exists: fail them and queue
     their parameters again."""
@@ -147,12 +164,16 @@ def search(obj, method, *, n_trials, bounds=None, grid=None, grid_points=10, sto
         sampler=optuna.samplers.RandomSampler(seed=seed),
     )
     _fail_orphans(study, optuna)
-    # a resumed or joining process must not replay the sequence of draws already in the study
-    offset = len(study.trials)
+    # random draws depend on (seed, trial number) only: reproducible by seed, and a resumed or
+    # joining process never replays the draws already in the study
     if method == "random":
-        study.sampler = optuna.samplers.RandomSampler(seed=seed + offset)
+        study.sampler = _NumberedRandomSampler(optuna, seed)
     elif method == "gp":
-        study.sampler = optuna.samplers.GPSampler(seed=seed + offset, n_startup_trials=min(10, n_trials))
+        study.sampler = optuna.samplers.GPSampler(
+            seed=seed + len(study.trials),
+            n_startup_trials=min(10, n_trials),
+            independent_sampler=_NumberedRandomSampler(optuna, seed),
+        )
     else:
         study.sampler = sampler
 

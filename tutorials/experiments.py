@@ -51,6 +51,21 @@ def mean(rows, key):
     return statistics.mean(float(r[key]) for r in rows)
 
 
+def panels(objectives, draw, path):
+    """One panel per validation function; ``draw(ax, objective)`` plots and returns the labels."""
+    fig, axes = plt.subplots(1, len(objectives), figsize=(6 * len(objectives), 4), squeeze=False)
+    for ax, objective in zip(axes[0], objectives):
+        xlabel, ylabel, title = draw(ax, objective)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
 def render(experiment, directory, figures, out):
     runs, curves = load(directory, experiment)
     groups = defaultdict(list)
@@ -58,35 +73,25 @@ def render(experiment, directory, figures, out):
         groups[(r["objective"], r["method"])].append(r)
     objectives = sorted({o for o, _ in groups})
 
-    fig, axes = plt.subplots(1, len(objectives), figsize=(6 * len(objectives), 4), squeeze=False)
-    for ax, objective in zip(axes[0], objectives):
+    def q_curves(ax, objective):
         for (o, method), by_iteration in sorted(curves.items()):
-            if o != objective:
-                continue
-            its = sorted(by_iteration)
-            ax.plot(its, [statistics.mean(by_iteration[i]) for i in its], label=method)
-        ax.set_xlabel("hyperparameter iteration")
-        ax.set_ylabel(f"best Q so far ({objective}), mean of runs")
-        ax.set_title(f"{experiment}: {objective}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    q_png = f"{experiment}_q.png"
-    fig.savefig(os.path.join(figures, q_png), dpi=110)
-    plt.close(fig)
+            if o == objective:
+                its = sorted(by_iteration)
+                ax.plot(its, [statistics.mean(by_iteration[i]) for i in its], label=method)
+        return "hyperparameter iteration", f"best Q so far ({objective}), mean of runs", f"{experiment}: {objective}"
 
-    fig, axes = plt.subplots(1, len(objectives), figsize=(6 * len(objectives), 4), squeeze=False)
-    for ax, objective in zip(axes[0], objectives):
+    def noise_curves(ax, objective):
         for (o, method), rows in sorted(groups.items()):
             if o == objective:
                 ax.plot([s for _, s in NOISE], [mean(rows, k) for k, _ in NOISE], "o-", label=method)
-        ax.set_xlabel("σ of the noise added to the training inputs")
-        ax.set_ylabel("test RMSE (lower is better)")
-        ax.set_title(f"{experiment}: hyperparameters selected by {objective}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    noise_png = f"{experiment}_noise.png"
-    fig.savefig(os.path.join(figures, noise_png), dpi=110)
-    plt.close(fig)
+        return (
+            "σ of the noise added to the training inputs",
+            "test RMSE (lower is better)",
+            f"{experiment}: hyperparameters selected by {objective}",
+        )
+
+    q_png = panels(objectives, q_curves, os.path.join(figures, f"{experiment}_q.png"))
+    noise_png = panels(objectives, noise_curves, os.path.join(figures, f"{experiment}_noise.png"))
 
     out += [f"## {experiment}", "", f"![best Q against iteration](figures/{q_png})", "", f"![test error against noise](figures/{noise_png})", ""]
     out += ["| validation | method | best Q | iterations to 99 % | test RMSE | RMSE at σ = 0.5 noise | seconds per run |", "|---|---|---|---|---|---|---|"]

@@ -128,46 +128,48 @@ def _plot(rows, fits, x, y, best_degree, output):
     plt.close(fig)
 
 
-_CASES = {
-    # name: (model factory, data loader, description)
-    "linear-diabetes": ("linear_regression", "diabetes", "Bayesian linear regression on scikit-learn's diabetes data"),
-    "ard-diabetes": ("linear_regression_ard", "diabetes", "ARD linear regression (one precision per feature) on diabetes"),
-    "logistic-cancer": ("logistic_regression", "cancer", "logistic regression on scikit-learn's breast cancer data"),
-    "polynomial-sin": ("polynomial_regression", "sin", "degree-5 Legendre regression on the demo's sin(2πx) data"),
-}
+def _diabetes(device):
+    from . import datasets
+
+    return datasets.diabetes(device=device)
 
 
-def _case(name, device):
+def _cancer(device):
+    from sklearn.datasets import load_breast_cancer
+
+    from . import datasets
+
+    X, y = load_breast_cancer(return_X_y=True)
+    return datasets.standardize(torch.as_tensor(X)).to(device), torch.as_tensor(y, dtype=torch.float64, device=device)
+
+
+def _sin(device):
+    from . import datasets
+
+    x, y = datasets.sin_data(device=device)
+    return 2 * x - 1, y
+
+
+def _cases():
+    """``{name: (description, model, data loader)}`` of the reference cases ``select`` runs."""
     from functools import partial
 
-    from . import datasets, models
+    from . import models
 
-    model_name, data, _ = _CASES[name]
-    if data == "diabetes":
-        args = datasets.diabetes(device=device)
-    elif data == "cancer":
-        from sklearn.datasets import load_breast_cancer
-
-        X, y = load_breast_cancer(return_X_y=True)
-        args = (
-            datasets.standardize(torch.as_tensor(X)).to(device),
-            torch.as_tensor(y, dtype=torch.float64, device=device),
-        )
-    else:
-        x, y = datasets.sin_data(device=device)
-        args = (2 * x - 1, y)
-    if model_name == "linear_regression_ard":
-        return partial(models.linear_regression, ard=True), args
-    if model_name == "polynomial_regression":
-        return partial(models.polynomial_regression, degree=5), args
-    return getattr(models, model_name), args
+    return {
+        "linear-diabetes": ("Bayesian linear regression on scikit-learn's diabetes data", models.linear_regression, _diabetes),
+        "ard-diabetes": ("ARD linear regression (one precision per feature) on diabetes", partial(models.linear_regression, ard=True), _diabetes),
+        "logistic-cancer": ("logistic regression on scikit-learn's breast cancer data", models.logistic_regression, _cancer),
+        "polynomial-sin": ("degree-5 Legendre regression on the demo's sin(2πx) data", partial(models.polynomial_regression, degree=5), _sin),
+    }
 
 
 def select(argv_args, out=sys.stdout):
     """``pyro-evidence select``: one selection on a reference model and built-in data."""
     from . import select_hyperparameters
 
-    model, args = _case(argv_args.case, argv_args.device)
+    description, model, load = _cases()[argv_args.case]
+    args = load(argv_args.device)
     pyro.clear_param_store()
     start = time.perf_counter()
     sel = select_hyperparameters(
@@ -185,7 +187,7 @@ def select(argv_args, out=sys.stdout):
         progress=None if argv_args.progress else False,
     )
     seconds = time.perf_counter() - start
-    print(f"{_CASES[argv_args.case][2]}: objective={argv_args.objective}, method={argv_args.method}", file=out)
+    print(f"{description}: objective={argv_args.objective}, method={argv_args.method}", file=out)
     print(f"{'hyperparameter':>20}  value", file=out)
     for name, value in sel.hyperparameters.items():
         shown = f"{float(value):.6g}" if value.numel() == 1 else "[" + ", ".join(f"{float(v):.4g}" for v in value.reshape(-1)) + "]"
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="pyro_evidence_demo.png", help="PNG path ('' for none)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (cpu)")
     q = sub.add_parser("select", help="select hyperparameters of a reference model on built-in data")
-    q.add_argument("--case", choices=sorted(_CASES), default="linear-diabetes", help="model and data (linear-diabetes)")
+    q.add_argument("--case", choices=list(_cases()), default="linear-diabetes", help="model and data (linear-diabetes)")
     q.add_argument("--objective", default="laplace", help="laplace | elbo | cv | holdout (laplace)")
     q.add_argument("--method", default="ift-exact", help="a hypergradient method, hoag, graves, or grid | random | gp (ift-exact)")
     q.add_argument("--max-steps", type=int, default=100, help="outer evaluations at most (100)")

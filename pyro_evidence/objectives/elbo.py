@@ -41,6 +41,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+from pyro.infer.autoguide.utils import deep_setattr
 from torch.distributions import constraints, kl_divergence
 from torch.func import vmap
 
@@ -205,8 +206,8 @@ def guide_loc_scale(guide) -> dict:
         return {name: (loc[name].detach(), scale[name].detach()) for name in loc}
     out = {}
     for name, _ in guide.prototype_trace.iter_stochastic_nodes():
-        key = name.replace(".", "_") if not hasattr(guide.locs, name) else name
-        out[name] = (getattr(guide.locs, key).detach(), getattr(guide.scales, key).detach())
+        loc, scale = guide._get_loc_and_scale(name)  # AutoNormal nests dotted site names
+        out[name] = (loc.detach(), scale.detach())
     return out
 
 
@@ -233,12 +234,10 @@ def _set_guide(guide, problem: Problem, loc, scale):
             guide.scale = pyro.nn.PyroParam(scale.detach().clone(), guide.scale_constraint)
         else:
             for s in problem.latents:
-                key = s.name
-                setattr(guide.locs, key, torch.nn.Parameter(loc[s.slice].reshape(s.unconstrained_shape).clone()))
-                setattr(
-                    guide.scales,
-                    key,
-                    pyro.nn.PyroParam(scale[s.slice].reshape(s.unconstrained_shape).clone(), guide.scale_constraint),
+                shape = s.unconstrained_shape
+                deep_setattr(guide.locs, s.name, torch.nn.Parameter(loc[s.slice].reshape(shape).clone()))
+                deep_setattr(
+                    guide.scales, s.name, pyro.nn.PyroParam(scale[s.slice].reshape(shape).clone(), guide.scale_constraint)
                 )
     return guide
 

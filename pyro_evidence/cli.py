@@ -224,30 +224,41 @@ def main(argv=None) -> int:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu", help="torch device, e.g. cuda (cpu)")
     q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    e = sub.add_parser("experiment", help="the seed's experiments (synthetic polynomial design)")
-    e.add_argument("name", choices=["synthetic"], help="which experiment")
+    e = sub.add_parser("experiment", help="the seed's experiments: the synthetic polynomial design or MNIST")
+    e.add_argument("name", choices=["synthetic", "mnist"], help="which experiment")
     e.add_argument("--objective", choices=["cv", "elbo"], action="append", help="validation function (both by default)")
-    e.add_argument("--methods", nargs="+", default=None, help="methods (all of the seed's by default)")
+    e.add_argument("--methods", nargs="+", default=None, help="methods (synthetic: all eight; mnist: random greedy drmad hoag ift-cg)")
     e.add_argument("--runs", type=int, default=5, help="runs per method and validation function (5)")
-    e.add_argument("--iterations", type=int, default=50, help="hyperparameter iterations (50)")
-    e.add_argument("--fast", action="store_true", help="one run, 3 iterations (for CI)")
+    e.add_argument("--iterations", type=int, default=None, help="hyperparameter iterations (synthetic 50, mnist 25)")
+    e.add_argument("--pool", type=int, default=1, help="mnist: average-pool the 28 × 28 images by this factor (1)")
+    e.add_argument("--fast", action="store_true", help="one run, 3 iterations (mnist: 300 training images), for CI")
     e.add_argument("--output-dir", default="experiment_results", help="where the CSV and Markdown go")
     e.add_argument("--device", default="cpu", help="torch device of the selections, e.g. cuda (cpu)")
     args = parser.parse_args(argv)
     if args.command == "experiment":
-        from .experiments import METHODS, run_synthetic, write_results
+        from .experiments import EXPERIMENTS, METHODS, MNIST_METHODS, Mnist, run, write_results
 
-        methods = args.methods or METHODS
+        methods = args.methods or (MNIST_METHODS if args.name == "mnist" else METHODS)
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             parser.error(f"unknown method {unknown[0]!r}; the experiment's methods are {METHODS}")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             parser.error("--device cuda: CUDA is not available on this machine")
-        results = run_synthetic(
-            tuple(args.objective or ("cv", "elbo")), methods, args.runs, args.iterations, fast=args.fast, device=args.device
-        )
+        if args.runs < 1:
+            parser.error(f"--runs must be >= 1, got {args.runs}")
+        if args.pool not in (1, 2, 4, 7, 14, 28):
+            parser.error(f"--pool must divide 28, got {args.pool}")
+        if args.name == "mnist":
+            setup = Mnist(args.device, args.fast, args.pool)
+        else:
+            setup = EXPERIMENTS[args.name](args.device, args.fast)
+        if args.iterations is not None and not args.fast:
+            if args.iterations < 1:
+                parser.error(f"--iterations must be >= 1, got {args.iterations}")
+            setup.iterations = args.iterations
+        results = run(setup, tuple(args.objective or ("cv", "elbo")), methods, args.runs, fast=args.fast)
         command = "pyro-evidence " + " ".join(argv if argv is not None else sys.argv[1:])
-        csv_path, md_path = write_results(results, args.output_dir, command)
+        csv_path, md_path = write_results(results, args.output_dir, command, deviations=setup.deviations)
         print(open(md_path).read())
         print(f"written: {csv_path}, {md_path}")
         return 0

@@ -144,9 +144,10 @@ class _Discover(Messenger):
     """First run of a model: initialises its params, records latent sites, casts to the data's
     dtype and device so that ``pyro.param("a", torch.tensor(1.0))`` works with float64 data."""
 
-    def __init__(self, dtype, device):
+    def __init__(self, dtype, device, init_loc_fn=None):
         super().__init__()
         self.dtype, self.device = dtype, device
+        self.init_loc_fn = init_loc_fn
 
     def _cast(self, value):
         if _is_floating(value):
@@ -164,7 +165,13 @@ class _Discover(Messenger):
                 "a Gaussian guide (marginalise it out, or observe it)"
             )
         if msg["value"] is None:
-            msg["value"] = self._cast(_initial_value(fn))
+            value = _initial_value(fn) if self.init_loc_fn is None else self.init_loc_fn(msg)
+            if value.shape != fn.shape():
+                raise ValueError(
+                    f"init_loc_fn gave latent site '{msg['name']}' a value of shape {tuple(value.shape)}; "
+                    f"the site has shape {tuple(fn.shape())}"
+                )
+            msg["value"] = self._cast(value.detach())
 
     def _pyro_post_sample(self, msg):
         msg["value"] = self._cast(msg["value"])
@@ -269,6 +276,11 @@ class Problem:
         ``h``; all param sites of the model when ``None``. The rest stay fixed at their
         param-store values.
     :param bool require_hyperparameters: raise if the model has no ``pyro.param`` site.
+    :param callable init_loc_fn: Pyro's init strategy, ``site → value`` (constrained), for the
+        starting point ``theta_init``, e.g. ``pyro.infer.autoguide.init_to_sample``; default the
+        prior mean (or the image of zero where there is none). A neural network needs one that
+        breaks the symmetry: at all-zero weights every hidden unit is the same and the gradient
+        of the first layer vanishes.
 
     Attributes: ``latents`` and ``hypers`` (site descriptions), ``theta_init`` and ``h_init``
     (flat tensors on the data's device and dtype), ``dtype``, ``device``, ``args``.
@@ -281,6 +293,7 @@ class Problem:
         model_kwargs: dict | None = None,
         hyperparameters: Iterable[str] | None = None,
         require_hyperparameters: bool = False,
+        init_loc_fn: Callable | None = None,
     ):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
@@ -294,7 +307,7 @@ class Problem:
 
         # The first run initialises the param store outside any torch.func transform (the store
         # calls requires_grad_) and keeps Pyro's validation on so bad models get its messages.
-        discover = _Discover(self.dtype, self.device)
+        discover = _Discover(self.dtype, self.device, init_loc_fn)
         with pyro.validation_enabled(True), discover:
             trace = pyro.poutine.trace(self.model).get_trace(*self.args, **self.model_kwargs)
 

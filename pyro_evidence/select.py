@@ -121,6 +121,7 @@ def select_hyperparameters(
     checkpoint: str | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
+    init_loc_fn=None,
 ) -> Selection:
     """
     Selects the ``pyro.param`` hyperparameters of a Pyro model by maximising an objective.
@@ -173,6 +174,9 @@ def select_hyperparameters(
     :param str checkpoint: gradient-based methods: a file to which ``h``, the outer optimiser's
         state, the warm-start ``θ``, the history and the random-number state are written every
         ``checkpoint_every`` outer steps (write, then rename). ``resume=True`` continues from it.
+    :param callable init_loc_fn: Pyro's init strategy for the first inner solve's starting point
+        (see :class:`~pyro_evidence.problem.Problem`); a neural network needs a random one, e.g.
+        ``functools.partial(pyro.infer.autoguide.init_to_uniform, radius=0.05)``.
     :rtype: Selection
     """
     _check_choice("objective", objective, OBJECTIVES)
@@ -193,6 +197,7 @@ def select_hyperparameters(
         model_kwargs=model_kwargs,
         hyperparameters=hyperparameters,
         require_hyperparameters=True,
+        init_loc_fn=init_loc_fn,
     )
     options = {"max_iter": inner_max_iter, **(objective_options or {})}
     if objective == "laplace":

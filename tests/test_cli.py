@@ -87,3 +87,25 @@ def test_experiment_fast_mode(tmp_path):
     rows = (tmp_path / "synthetic.csv").read_text().splitlines()
     assert len(rows) == 4  # header and one run per method
     assert len((tmp_path / "synthetic_trajectories.csv").read_text().splitlines()) == 1 + 3 * 3
+
+
+def test_mnist_experiment_fast_mode(tmp_path):
+    code = main(["experiment", "mnist", "--fast", "--output-dir", str(tmp_path)])
+    assert code == 0
+    table = (tmp_path / "mnist.md").read_text()
+    for objective in ("cv", "elbo"):
+        for method in ("random", "greedy", "drmad", "hoag", "ift-cg"):
+            assert f"| {objective} | {method} |" in table
+    assert "test accuracy" in table and "σ = 0.5" in table and "784-300-10" not in table
+    assert len((tmp_path / "mnist.csv").read_text().splitlines()) == 1 + 10
+
+
+def test_experiment_bad_arguments(capsys):
+    for argv, message in [
+        (["experiment", "mnist", "--pool", "3"], "--pool must divide 28, got 3"),
+        (["experiment", "mnist", "--runs", "0"], "--runs must be >= 1, got 0"),
+        (["experiment", "mnist", "--methods", "newton"], "unknown method 'newton'"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err

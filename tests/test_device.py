@@ -82,4 +82,4 @@ def test_experiment_runs_on_the_device(device):
     pyro.clear_param_store()
     cpu = run_synthetic(device="cpu", **kw)[0]
     assert here.best_q == pytest.approx(cpu.best_q, rel=1e-8)
-    assert here.test_rmse == pytest.approx(cpu.test_rmse, rel=1e-6)
+    assert here.test_error == pytest.approx(cpu.test_error, rel=1e-6)

@@ -1,6 +1,8 @@
 import torch
 
-from pyro_evidence.experiments import LR_GRID, run_synthetic, synthetic_design
+import pytest
+
+from pyro_evidence.experiments import LR_GRID, Mnist, calibrate, run_mnist, run_synthetic, synthetic_design
 
 from .common import assert_close
 
@@ -23,5 +25,65 @@ def test_same_seed_same_numbers():
     kw = {"objectives": ("elbo",), "methods": ["ift-cg", "random"], "fast": True, "progress": False}
     a, b = run_synthetic(**kw), run_synthetic(**kw)
     for ra, rb in zip(a, b):
-        assert (ra.method, ra.best_q, ra.test_rmse, ra.noise_050, ra.trajectory) == (rb.method, rb.best_q, rb.test_rmse, rb.noise_050, rb.trajectory)
+        assert (ra.method, ra.best_q, ra.test_error, ra.noise_050, ra.trajectory) == (rb.method, rb.best_q, rb.test_error, rb.noise_050, rb.trajectory)
     assert all(len(r.trajectory) == 3 for r in a)
+
+
+class _FakeSetup:
+    """Calibration sees only ``select``, ``box`` and ``calibration_iterations``: log α after a
+    run grows with the learning rate, so the rates that stay inside form a prefix of the grid."""
+
+    box = (-1.0, 1.0)
+    calibration_iterations = 3
+
+    def __init__(self, limit):
+        self.limit, self.calls = limit, 0
+
+    def select(self, method, objective, seed, iterations, lr):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        log_alpha = torch.tensor([lr / self.limit])  # inside the box iff lr <= limit
+        return SimpleNamespace(history=[SimpleNamespace(objective=0.0, hyperparameters={"a": log_alpha.exp()})] * iterations)
+
+
+@pytest.mark.parametrize("limit", [1e-7, 1e-6, 3e-5, 0.5, 74.0, 750.0, 1e4])
+def test_calibration_finds_the_largest_rate_inside_the_box(limit):
+    setup = _FakeSetup(limit)
+    scan = next((lr for lr in LR_GRID if lr <= limit), LR_GRID[-1])  # the seed's rule, by linear scan
+    assert calibrate(setup, "ift-cg", "cv") == scan
+    assert setup.calls <= 6  # bisection over 32 rates
+    assert calibrate(setup, "random", "cv") is None
+
+
+def test_mnist_same_seed_same_numbers():
+    kw = {"objectives": ("cv",), "methods": ["ift-cg", "random"], "fast": True, "progress": False, "pool": 4}
+    a, b = run_mnist(**kw), run_mnist(**kw)
+    for ra, rb in zip(a, b):
+        assert (ra.best_q, ra.test_error, ra.error_perturbed_050, ra.noise_050, ra.trajectory) == (
+            rb.best_q, rb.test_error, rb.error_perturbed_050, rb.noise_050, rb.trajectory
+        )
+        assert 0.0 <= ra.test_error <= 1.0 and 1 <= len(ra.trajectory) <= 3
+
+
+def test_mnist_accuracy_is_that_of_the_network():
+    setup = Mnist(fast=True, pool=4)
+    alpha = {"prior_precision_1": torch.tensor(10.0), "prior_precision_2": torch.tensor(5.0)}
+    problem, theta, h = setup._fit(alpha, setup.args[0], seed=0)
+    w = problem.latent_values(theta, h)
+    X_test, y_test = setup.test
+    logits = torch.tanh(X_test @ w["w1"] + w["b1"]) @ w["w2"] + w["b2"]
+    expected = (logits.argmax(-1) == y_test).double().mean()
+    assert setup._accuracy(problem, theta, h) == pytest.approx(float(expected), abs=1e-12)
+    assert X_test.shape == (1000, 49) and setup.args[0].shape == (300, 49)
+
+
+def test_mnist_deviations_name_the_pooled_network():
+    from pyro_evidence import Problem
+
+    setup = Mnist(fast=True, pool=2)
+    assert "196-300-10, 62,110 weights" in setup.deviations[0]
+    setup.start(0)
+    assert Problem(setup.model, *setup.args, model_kwargs=setup.model_kwargs).theta_dim == 62_110  # 196·300 + 300 + 300·10 + 10
+    assert Mnist(fast=True).deviations == Mnist(fast=True, pool=1).deviations
+    assert not any("average-pooled" in d for d in Mnist(fast=True).deviations)

@@ -173,3 +173,32 @@ def test_latent_sites_must_not_change_between_runs():
     p.model_kwargs = {"flag": True}
     with pytest.raises(ValueError, match="latent site 'extra' was not in the model's first trace"):
         p.log_joint(torch.zeros(1, dtype=p.dtype), p.h_init)
+
+
+def test_init_loc_fn_sets_the_starting_point():
+    from functools import partial
+
+    from pyro.infer.autoguide import init_to_uniform, init_to_value
+
+    y = torch.randn(20, dtype=torch.float64)
+    p = Problem(scale_model, y, init_loc_fn=init_to_value(values={"sigma": torch.tensor(2.5)}))
+    assert_close(p.theta_init, torch.tensor([2.5], dtype=torch.float64).log(), rtol=1e-12)  # unconstrained
+    assert p.theta_init.dtype == torch.float64
+    # the default is the prior mean: 1 / rate
+    assert_close(Problem(scale_model, y).theta_init, torch.tensor([5.0], dtype=torch.float64).log(), rtol=1e-6)
+    # a network's weights: random, inside the radius, and seeded
+    X, labels = torch.rand(10, 4, dtype=torch.float64), torch.arange(10) % 3
+    from pyro_evidence.models import mlp_classifier
+
+    pyro.set_rng_seed(0)
+    a = Problem(mlp_classifier, X, labels, model_kwargs={"hidden": 5, "classes": 3}, init_loc_fn=partial(init_to_uniform, radius=0.05))
+    pyro.set_rng_seed(0)
+    b = Problem(mlp_classifier, X, labels, model_kwargs={"hidden": 5, "classes": 3}, init_loc_fn=partial(init_to_uniform, radius=0.05))
+    assert torch.equal(a.theta_init, b.theta_init)
+    assert float(a.theta_init.abs().max()) <= 0.05 and float(a.theta_init.abs().min()) > 0
+
+
+def test_init_loc_fn_of_the_wrong_shape():
+    y = torch.randn(20, dtype=torch.float64)
+    with pytest.raises(ValueError, match="init_loc_fn gave latent site 'sigma' a value of shape \\(3,\\)"):
+        Problem(scale_model, y, init_loc_fn=lambda site: torch.ones(3))

@@ -97,7 +97,7 @@ def render(experiment, directory, figures, out):
     out += ["| validation | method | best Q | iterations to 99 % | test RMSE | RMSE at σ = 0.5 noise | seconds per run |", "|---|---|---|---|---|---|---|"]
     for (objective, method), rows in sorted(groups.items()):
         out.append(
-            f"| {objective} | {method} | {mean(rows, 'best_q'):.3f} | {mean(rows, 'convergence'):.1f} | {mean(rows, 'test_rmse'):.3f} | "
+            f"| {objective} | {method} | {mean(rows, 'best_q'):.3f} | {mean(rows, 'convergence'):.1f} | {mean(rows, 'test_error'):.3f} | "
             f"{mean(rows, 'noise_050'):.3f} | {mean(rows, 'seconds'):.2f} |"
         )
     out.append("")
@@ -106,7 +106,7 @@ def render(experiment, directory, figures, out):
         best_q = max(rows, key=lambda m: mean(rows[m], "best_q"))
         fastest = min(rows, key=lambda m: mean(rows[m], "seconds"))
         quickest = min(rows, key=lambda m: mean(rows[m], "convergence"))
-        best_test = min(rows, key=lambda m: mean(rows[m], "test_rmse"))
+        best_test = min(rows, key=lambda m: mean(rows[m], "test_error"))
         robust = min(rows, key=lambda m: mean(rows[m], "noise_050"))
         within = [
             m for m in rows if mean(rows[m], "best_q") >= mean(rows[best_q], "best_q") - 0.5

@@ -83,3 +83,15 @@ def test_experiment_runs_on_the_device(device):
     cpu = run_synthetic(device="cpu", **kw)[0]
     assert here.best_q == pytest.approx(cpu.best_q, rel=1e-8)
     assert here.test_error == pytest.approx(cpu.test_error, rel=1e-6)
+
+
+def test_mnist_experiment_runs_on_the_device(device):
+    import math
+
+    from pyro_evidence.experiments import Mnist, run
+
+    setup = Mnist(device, fast=True, pool=4)
+    assert all(t.device.type == device.type for t in (*setup.args, *setup.test))
+    r = run(setup, ("cv", "elbo"), ["ift-cg"], progress=False, fast=True)
+    assert all(math.isfinite(x.best_q) for x in r)
+    assert all(0.2 < x.test_error <= 1.0 for x in r)  # ten classes: chance is 0.1

@@ -30,6 +30,7 @@ def test_experiments_tutorial_renders_from_results(tmp_path):
 
     results = tmp_path / "results"
     assert main(["experiment", "synthetic", "--fast", "--methods", "random", "ift-cg", "--output-dir", str(results)]) == 0
+    assert main(["experiment", "mnist", "--fast", "--pool", "4", "--objective", "cv", "--methods", "random", "greedy", "--output-dir", str(results)]) == 0
     script = os.path.join(ROOT, "tutorials", "experiments.py")
     out = tmp_path / "rendered"
     done = subprocess.run(
@@ -38,5 +39,6 @@ def test_experiments_tutorial_renders_from_results(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     text = (out / "experiments.md").read_text()
     assert "| cv | ift-cg |" in text and "| elbo | random |" in text
-    for figure in ("synthetic_q", "synthetic_noise"):
+    assert "| cv | greedy |" in text and "test accuracy" in text
+    for figure in ("synthetic_q", "synthetic_noise", "mnist_q", "mnist_noise"):
         assert (out / "figures" / f"{figure}.png").stat().st_size > 10_000

@@ -119,7 +119,10 @@ class ElboObjective(Objective):
         return frozenset(names)
 
     def loc_scale(self, theta):
-        return theta[..., : self.dim], F.softplus(theta[..., self.dim :])
+        # floored at tiny^¼ (1e-10 in float32), whose square still has room below it: a line
+        # search's trial point far out on the raw scale then costs a finite, huge loss and is
+        # rejected, where a scale of 0 would give inf and then NaN
+        return theta[..., : self.dim], F.softplus(theta[..., self.dim :]).clamp_min(torch.finfo(theta.dtype).tiny ** 0.25)
 
     def _particle_split(self, theta, h, eps):
         """Per particle, ``(prior, rows)``: ``log p(w) + log|J|`` with ``−KL`` standing in for the
@@ -132,7 +135,9 @@ class ElboObjective(Objective):
             if name not in self.analytic:
                 return None
             s, fn = problem._latent_by_name[name], site["fn"]
-            q = dist.Normal(loc[s.slice].reshape(s.shape), scale[s.slice].reshape(s.shape))
+            # values from the optimiser, not the user: a NaN gives a NaN loss (handled as non-finite
+            # by the callers), not an exception from argument validation
+            q = dist.Normal(loc[s.slice].reshape(s.shape), scale[s.slice].reshape(s.shape), validate_args=False)
             q = q.to_event(fn.event_dim) if fn.event_dim else q
             return -(kl_divergence(q, fn) * site["scale"]).sum()
 

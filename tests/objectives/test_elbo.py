@@ -1,3 +1,5 @@
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -142,3 +144,24 @@ def test_bad_options():
         elbo_evidence(linear_regression, X, y, num_particles=1)
     with pytest.raises(TypeError, match="diagonal Gaussian guide"):
         elbo_evidence(linear_regression, X, y, guide=lambda *a: None)
+
+
+def test_a_scale_underflowing_to_zero_costs_a_finite_penalty_not_an_error():
+    from pyro_evidence import Problem
+    from pyro_evidence.objectives.elbo import ElboObjective
+
+    X, y = diabetes(dtype=torch.float32)
+    set_params(1.0, 1.0)
+    obj = ElboObjective(Problem(linear_regression, X, y), num_particles=4)
+    theta = obj.theta_init.clone()
+    assert torch.isfinite(obj.inner_loss(theta, obj.h_init))
+    theta[obj.dim] = -200.0  # softplus(−200) is 0 in float32: a line search's trial point
+    loss = obj.inner_loss(theta, obj.h_init)
+    # the scale floors at tiny^¼ = 3.29e-10: the loss is that of q with this scale, finite
+    floor = torch.finfo(torch.float32).tiny ** 0.25
+    at_floor = theta.clone()
+    at_floor[obj.dim] = math.log(math.expm1(floor))  # softplus⁻¹
+    assert torch.isfinite(loss)
+    assert_close(loss, obj.inner_loss(at_floor, obj.h_init), rtol=1e-6)
+    theta[obj.dim] = float("nan")
+    assert torch.isnan(obj.inner_loss(theta, obj.h_init))

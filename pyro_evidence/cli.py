@@ -256,9 +256,13 @@ def main(argv=None) -> int:
             if args.iterations < 1:
                 parser.error(f"--iterations must be >= 1, got {args.iterations}")
             setup.iterations = args.iterations
-        results = run(setup, tuple(args.objective or ("cv", "elbo")), methods, args.runs, fast=args.fast)
         command = "pyro-evidence " + " ".join(argv if argv is not None else sys.argv[1:])
-        csv_path, md_path = write_results(results, args.output_dir, command, deviations=setup.deviations)
+
+        def save(results):  # after every run: an interrupted experiment keeps what it finished
+            return write_results(results, args.output_dir, command, deviations=setup.deviations)
+
+        results = run(setup, tuple(args.objective or ("cv", "elbo")), methods, args.runs, fast=args.fast, on_run=save)
+        csv_path, md_path = save(results)
         print(open(md_path).read())
         print(f"written: {csv_path}, {md_path}")
         return 0

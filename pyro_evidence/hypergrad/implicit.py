@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import grad_and_value, jacrev
 
-from .linalg import cg, dense_solve, hvp_operator, mixed_vjp, neumann, power_iteration, value_grad_hessian
+from .linalg import NotPositiveDefiniteError, cg, dense_solve, hvp_operator, mixed_vjp, neumann, power_iteration, value_grad_hessian
 
 __all__ = ["Hypergradient", "check_validation", "IMPLICIT", "ift_exact", "ift_cg", "ift_neumann", "t1_t2", "larsen"]
 
@@ -77,7 +77,7 @@ def default_step(inner_loss, theta, h) -> float:
     are sensible approximations of ``H⁻¹``."""
     lam = power_iteration(hvp_operator(inner_loss, theta, h), theta.numel(), theta)
     if not lam > 0:
-        raise ValueError("the inner Hessian has no positive curvature here; give lr=/alpha= explicitly")
+        raise NotPositiveDefiniteError("the inner Hessian has no positive curvature here; give lr=/alpha= explicitly")
     return 1.0 / lam
 
 

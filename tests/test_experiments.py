@@ -87,3 +87,36 @@ def test_mnist_deviations_name_the_pooled_network():
     assert Problem(setup.model, *setup.args, model_kwargs=setup.model_kwargs).theta_dim == 62_110  # 196·300 + 300 + 300·10 + 10
     assert Mnist(fast=True).deviations == Mnist(fast=True, pool=1).deviations
     assert not any("average-pooled" in d for d in Mnist(fast=True).deviations)
+
+
+class _BreaksOnSeedOne:
+    """A setup whose selection fails on seed 1 the way a method breaks down numerically."""
+
+    name, iterations = "synthetic", 2
+
+    def select(self, method, objective, seed, iterations, lr):
+        from types import SimpleNamespace
+
+        if seed == 1:
+            raise ValueError("the inner Hessian has no positive curvature here")
+        steps = [SimpleNamespace(objective=-3.0 + seed + i, hyperparameters={}) for i in range(iterations)]
+        return SimpleNamespace(history=steps, hyperparameters={"a": torch.tensor(1.0)})
+
+    def evaluate(self, alpha, seed):
+        noise = {s: 1.0 + seed + s for s in (0.0, 0.1, 0.25, 0.5)}
+        return {"test": 1.0 + seed, "perturbed": {0.25: 2.0, 0.5: 3.0}, "noise": noise}
+
+
+def test_a_failed_run_is_recorded_and_left_out_of_the_means(tmp_path):
+    from pyro_evidence.experiments import run, write_results
+
+    seen = []
+    with pytest.warns(RuntimeWarning, match="seed 1 failed: the inner Hessian has no positive curvature"):
+        results = run(_BreaksOnSeedOne(), ("cv",), ["random"], runs=3, progress=False, on_run=lambda rs: seen.append(len(rs)))
+    assert seen == [1, 2, 3]  # the caller hears of every run, failed or not
+    assert [bool(r.failed) for r in results] == [False, True, False]
+    _, md = write_results(results, tmp_path, "test")
+    text = open(md).read()
+    # best Q of seeds 0 and 2: −2 and 0, mean −1, sd √2; test RMSE 1 and 3
+    assert "| cv | random | nan | -1.000 ± 1.414 | 2.000 ± 0.000 | 2.000 ± 1.414 |" in text
+    assert "- cv, random, seed 1: ValueError: the inner Hessian has no positive curvature here" in text

@@ -9,6 +9,8 @@ import time
 import pyro
 import torch
 
+from .util import isolated_params
+
 __all__ = ["main", "demo", "select"]
 
 
@@ -34,13 +36,22 @@ def demo(
 
     :returns: a list of rows ``{degree, log_evidence, prior_precision, noise_precision}``.
     """
-    from . import datasets, laplace_evidence, select_hyperparameters
+    from . import datasets
+
+    x, y = datasets.sin_data(n=n, noise=noise, seed=seed, device=device)
+    t = 2 * x - 1
+    with isolated_params():  # every degree on an empty store; the caller's store left as it was
+        rows, fits, seconds = _demo_fits(t, y, max_degree, precision_rate, progress)
+    _report(rows, fits, x, y, noise, n, seconds, output, out)
+    return rows
+
+
+def _demo_fits(t, y, max_degree, precision_rate, progress):
+    from . import laplace_evidence, select_hyperparameters
     from .models import polynomial_regression
 
     from tqdm.auto import tqdm
 
-    x, y = datasets.sin_data(n=n, noise=noise, seed=seed, device=device)
-    t = 2 * x - 1
     rows, fits = [], []
     start = time.perf_counter()
     for degree in tqdm(range(max_degree + 1), desc="degrees", disable=None if progress is None else not progress):
@@ -60,8 +71,10 @@ def demo(
             }
         )
         fits.append(ev)
-    seconds = time.perf_counter() - start
+    return rows, fits, time.perf_counter() - start
 
+
+def _report(rows, fits, x, y, noise, n, seconds, output, out):
     best = max(rows, key=lambda r: r["log_evidence"])
     print(
         f"Polynomial regression on sin(2πx) + N(0, {noise}²), N = {n}, Legendre features; "
@@ -86,10 +99,9 @@ def demo(
             matplotlib.use("Agg")
         except ImportError:
             print("matplotlib is not installed: no plot written", file=out)
-            return rows
+            return
         _plot(rows, fits, x, y, best["degree"], output)
         print(f"plot written to {output}", file=out)
-    return rows
 
 
 def _plot(rows, fits, x, y, best_degree, output):
@@ -170,22 +182,23 @@ def select(argv_args, out=sys.stdout):
 
     description, model, load = _cases()[argv_args.case]
     args = load(argv_args.device)
-    pyro.clear_param_store()
     start = time.perf_counter()
-    sel = select_hyperparameters(
-        model,
-        *args,
-        objective=argv_args.objective,
-        method=argv_args.method,
-        max_steps=argv_args.max_steps,
-        n_trials=argv_args.n_trials,
-        storage=argv_args.storage,
-        study_name=argv_args.study_name,
-        seed=argv_args.seed,
-        checkpoint=argv_args.checkpoint,
-        resume=argv_args.resume,
-        progress=None if argv_args.progress else False,
-    )
+    with isolated_params(clear=True):
+        sel = select_hyperparameters(
+            model,
+            *args,
+            objective=argv_args.objective,
+            method=argv_args.method,
+            max_steps=argv_args.max_steps,
+            n_trials=argv_args.n_trials,
+            storage=argv_args.storage,
+            study_name=argv_args.study_name,
+            seed=argv_args.seed,
+            checkpoint=argv_args.checkpoint,
+            resume=argv_args.resume,
+            overwrite=argv_args.overwrite,
+            progress=None if argv_args.progress else False,
+        )
     seconds = time.perf_counter() - start
     print(f"{description}: objective={argv_args.objective}, method={argv_args.method}", file=out)
     print(f"{'hyperparameter':>20}  value", file=out)
@@ -221,6 +234,7 @@ def main(argv=None) -> int:
     q.add_argument("--study-name", default=None, help="the study's name in the storage")
     q.add_argument("--checkpoint", default=None, help="checkpoint file (gradient methods)")
     q.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --checkpoint with a new run")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu", help="torch device, e.g. cuda (cpu)")
     q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -271,7 +285,7 @@ def main(argv=None) -> int:
     if args.command == "select":
         try:
             select(args)
-        except (ValueError, TypeError, FileNotFoundError) as e:
+        except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
             parser.error(str(e))
         return 0
     if args.command == "demo":

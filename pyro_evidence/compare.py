@@ -11,10 +11,8 @@ Posterior model probabilities come from the evidence with a uniform prior over t
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
-import pyro
 import torch
 from torch.func import vmap
 
@@ -22,20 +20,9 @@ from .objectives.cv import cv_log_predictive
 from .objectives.elbo import elbo_evidence
 from .objectives.laplace import gaussian_draws, laplace_evidence
 from .problem import Problem
+from .util import isolated_params
 
 __all__ = ["compare_models", "to_inference_data", "laplace_draws"]
-
-
-@contextlib.contextmanager
-def _own_params():
-    """Runs a block on a copy of the param store and restores the store afterwards, so models
-    that share ``pyro.param`` names keep their hyperparameters apart."""
-    store = pyro.get_param_store()
-    saved = store.get_state()
-    try:
-        yield
-    finally:
-        store.set_state(saved)
 
 
 def laplace_draws(result, num_samples: int = 1000, seed: int = 0):
@@ -54,8 +41,8 @@ def _arviz():
 def to_inference_data(model, *args, model_kwargs: dict | None = None, num_samples: int = 1000, seed: int = 0, result=None):
     """
     ArviZ ``InferenceData`` from the Laplace posterior of a Pyro model: ``posterior`` (the latent
-    sites, constrained), ``log_likelihood`` (the per-row log-likelihood of every draw) and
-    ``observed_data``. ``az.loo``, ``az.waic``, ``az.compare`` and ArviZ's plots work on it.
+    sites, constrained), ``log_likelihood`` (the per-row log-likelihood of every draw; rows that
+    ``poutine.mask`` leaves out of the likelihood are left out here too) and ``observed_data``. ``az.loo``, ``az.waic``, ``az.compare`` and ArviZ's plots work on it.
 
     :param result: a :class:`~pyro_evidence.LaplaceEvidence` of the same model and data, to
         reuse (computed at the param store's hyperparameters if None).
@@ -65,8 +52,9 @@ def to_inference_data(model, *args, model_kwargs: dict | None = None, num_sample
     problem = result.problem
     h = problem.h_init
     draws = laplace_draws(result, num_samples, seed)
+    keep = problem.observed_rows()  # masked rows have no likelihood: PSIS has nothing to weigh there
     with torch.no_grad():
-        rows = vmap(lambda t: problem.terms(t, h)[1])(draws)
+        rows = vmap(lambda t: problem.terms(t, h)[1])(draws)[:, keep]
         latents = vmap(lambda t: problem.latent_values(t, h))(draws)
     name = problem.observed[0] if len(problem.observed) == 1 else "y"
     observed = {}
@@ -74,7 +62,7 @@ def to_inference_data(model, *args, model_kwargs: dict | None = None, num_sample
     for site in problem.observed:
         value = trace.nodes[site]["value"]
         if isinstance(value, torch.Tensor) and value.shape[:1] == (problem.num_data,):
-            observed[site] = value.detach().cpu().numpy()
+            observed[site] = value[keep].detach().cpu().numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return az.from_dict(
@@ -142,7 +130,7 @@ def compare_models(
     entries = _entries(models, args, model_kwargs)
     rows, reference = {}, None
     for name, (model, data, kwargs) in entries.items():
-        with _own_params():
+        with isolated_params():  # each model starts from the caller's store and leaves nothing in it
             problem = Problem(model, *data, model_kwargs=kwargs)
             observed = _observed(problem)
             if reference is None:

@@ -38,6 +38,8 @@ import pyro
 import torch
 from torch.distributions import constraints
 
+from .util import isolated_params, preserved_rng
+
 __all__ = ["METHODS", "EXPERIMENTS", "DEVIATIONS", "synthetic_design", "run", "run_synthetic", "run_mnist", "write_results"]
 
 METHODS = ["random", "greedy", "drmad", "hoag", "ift-neumann", "ift-cg", "rmad", "truncated"]
@@ -45,6 +47,8 @@ MNIST_METHODS = ["random", "greedy", "drmad", "hoag", "ift-cg"]
 UNROLLED = {"drmad", "rmad", "truncated"}
 LR_GRID = sorted({r * 10.0**s for s in range(-6, 2) for r in (1, 25, 50, 75)}, reverse=True)
 NOISE = (0.0, 0.1, 0.25, 0.5)
+COLLAPSED_SHARE = 0.9  # a classifier giving one class to this share of the test set ignores its inputs
+COLLAPSED_SPREAD = 0.05  # so does a regression whose predictions vary this little against the targets
 PERTURB = (0.25, 0.5)
 COMMON_DEVIATIONS = [
     "Hyper learning rates are calibrated on one short run per method and validation function (seed 0; 10 "
@@ -78,7 +82,8 @@ DEVIATIONS = {
         "iterations (implicit methods, greedy, random search) or 20 steps of momentum SGD (DrMAD; lr 10⁻⁴, "
         "momentum 0.9); the network starts from weights uniform in ±0.05 (seeded), since all-zero weights are a "
         "saddle. The inner fit is therefore not at its optimum; CG (ift-cg, HOAG) runs at most 20 iterations "
-        "to relative residual 10⁻³, with damping 1, and stops at the first direction of negative curvature. Greedy looks one step of size 10⁻⁴ "
+        "with damping 1, to relative residual 10⁻³ (ift-cg) or to the tolerance of HOAG's schedule, and stops at "
+        "the first direction of negative curvature. Greedy looks one step of size 10⁻⁴ "
         "ahead (the DrMAD step): its default, 1/λ_max of the inner Hessian, does not exist where the network's "
         "Hessian has no positive curvature.",
         "The ELBO uses 4 antithetic whitened particles (the sample-average estimate), not the synthetic design's 64.",
@@ -179,6 +184,8 @@ class Setup:
             options["terms"] = 20
         if method in ("ift-cg", "hoag"):
             options.update(self.cg)
+            if method == "hoag":  # HOAG's schedule sets CG's tolerance
+                options.pop("tol", None)
         if method == "greedy":
             options.update(self.greedy)
         optimizer = None if method == "hoag" else "sgd"
@@ -191,7 +198,11 @@ class Setup:
         return DEVIATIONS[self.name]
 
     def evaluate(self, alpha: dict, seed: int) -> dict:
-        """``{"test": E, "perturbed": {σ: E}, "noise": {σ: E}}`` for the selected ``alpha``."""
+        """``{"test": E, "perturbed": {σ: E}, "noise": {σ: E}, "collapsed": bool}`` for the selected
+        ``alpha``; ``collapsed`` when the fit's test predictions ignore the inputs — the prior
+        switched the model off: a classifier that gives one class to at least
+        :data:`COLLAPSED_SHARE` of the test set, a regression whose predictions spread less than
+        :data:`COLLAPSED_SPREAD` of the targets' standard deviation."""
         raise NotImplementedError
 
 
@@ -225,7 +236,8 @@ class Synthetic(Setup):
             Xn = features(self.x + sigma * torch.randn(self.x.shape, generator=g, dtype=self.x.dtype))
             Xn[:, 1:] = (Xn[:, 1:] - self.mean) / self.std
             noise[sigma] = _rmse(X_test, y_test, fit(Xn))
-        return {"test": _rmse(X_test, y_test, w), "perturbed": perturbed, "noise": noise}
+        spread = float((X_test @ w).std()) / float(y_test.std())
+        return {"test": _rmse(X_test, y_test, w), "perturbed": perturbed, "noise": noise, "collapsed": spread <= COLLAPSED_SPREAD}
 
 
 class Mnist(Setup):
@@ -284,10 +296,12 @@ class Mnist(Setup):
         theta = minimize(lambda t: problem.loss(t, h), problem.theta_init, max_iter=self.map_iterations, tol=0.0).theta
         return problem, theta, h
 
-    def _accuracy(self, problem, theta, h):
+    def _predictions(self, problem, theta, h):
         X_test, y_test = self.test
-        logits = problem.trace(theta, h, args=(X_test, y_test))[0].nodes["logits"]["value"]
-        return float((logits.argmax(-1) == y_test).double().mean())
+        return problem.trace(theta, h, args=(X_test, y_test))[0].nodes["logits"]["value"].argmax(-1)
+
+    def _accuracy(self, problem, theta, h):
+        return float((self._predictions(problem, theta, h) == self.test[1]).double().mean())
 
     def evaluate(self, alpha, seed):
         X = self.args[0]
@@ -304,7 +318,9 @@ class Mnist(Setup):
         for sigma in NOISE[1:]:
             noisy = X + sigma * torch.randn(X.shape, generator=g, dtype=X.dtype, device=X.device)
             noise[sigma] = self._accuracy(*self._fit(alpha, noisy, seed))
-        return {"test": noise[0.0], "perturbed": perturbed, "noise": noise}
+        predicted = self._predictions(problem, theta, h)
+        top_share = float(torch.bincount(predicted, minlength=10).max()) / predicted.numel()
+        return {"test": noise[0.0], "perturbed": perturbed, "noise": noise, "collapsed": top_share >= COLLAPSED_SHARE}
 
 
 EXPERIMENTS = {"synthetic": Synthetic, "mnist": Mnist}
@@ -359,6 +375,7 @@ class Run:
     noise_050: float
     trajectory: tuple = ()  # Q at every iteration (written to the trajectories file)
     failed: str = ""  # the error that ended a failed run
+    collapsed: bool = False  # the selected prior switched the model off (Setup.evaluate)
 
 
 def _convergence(values):
@@ -373,6 +390,13 @@ def run(setup: Setup, objectives=("cv", "elbo"), methods=METHODS, runs=5, progre
     """Every method × validation function × run of ``setup``; returns a list of :class:`Run`.
     ``on_run(results)`` is called after every finished run (the CLI rewrites its files there, so
     an interrupted experiment keeps every finished run)."""
+    # the runs seed the RNG and set the param store run by run; the caller gets both back as they were
+    devices = [a.device for a in getattr(setup, "args", ()) if isinstance(a, torch.Tensor)]
+    with isolated_params(), preserved_rng(devices):
+        return _run(setup, objectives, methods, runs, progress, fast, on_run)
+
+
+def _run(setup, objectives, methods, runs, progress, fast, on_run):
     from tqdm.auto import tqdm
 
     runs = 1 if fast else runs
@@ -403,7 +427,8 @@ def run(setup: Setup, objectives=("cv", "elbo"), methods=METHODS, runs=5, progre
                 results.append(
                     Run(setup.name, objective, method, seed, lr_, max(values), _convergence(values),
                         metrics["test"], metrics["perturbed"][0.25], metrics["perturbed"][0.5], seconds,
-                        noise[0.0], noise[0.1], noise[0.25], noise[0.5], tuple(values))
+                        noise[0.0], noise[0.1], noise[0.25], noise[0.5], tuple(values),
+                        collapsed=bool(metrics.get("collapsed", False)))
                 )
             if on_run is not None:
                 on_run(results)
@@ -472,14 +497,16 @@ def write_results(results, directory, command, stem=None, deviations=None):
         f"Date: {time.strftime('%Y-%m-%d')}",
         "",
         f"| validation | method | hyper lr | best Q | convergence (iteration) | test {metric} | {metric}, w + N(0, 0.25²) | "
-        f"{metric}, w + N(0, 0.5²) | seconds per run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{metric}, w + N(0, 0.5²) | seconds per run | collapsed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (objective, method), rs in groups.items():
+        finished = [r for r in rs if not r.failed]
         lines.append(
             f"| {objective} | {method} | {rs[0].lr:g} | {_mean_std([r.best_q for r in rs])} | {_mean_std([math.nan if r.failed else float(r.convergence) for r in rs])} | "
             f"{_mean_std([r.test_error for r in rs])} | {_mean_std([r.error_perturbed_025 for r in rs])} | "
-            f"{_mean_std([r.error_perturbed_050 for r in rs])} | {_mean_std([r.seconds for r in rs])} |"
+            f"{_mean_std([r.error_perturbed_050 for r in rs])} | {_mean_std([r.seconds for r in rs])} | "
+            f"{sum(r.collapsed for r in finished)} of {len(finished)} |"
         )
     lines += [
         "",
@@ -492,6 +519,16 @@ def write_results(results, directory, command, stem=None, deviations=None):
         lines.append(
             f"| {objective} | {method} | " + " | ".join(_mean_std([getattr(r, f'noise_{k}') for r in rs]) for k in ("000", "010", "025", "050")) + " |"
         )
+    collapsed = [r for r in results if r.collapsed and not r.failed]
+    if collapsed:
+        lines += [
+            "",
+            "## Collapsed runs (test predictions that ignore the inputs)",
+            "",
+            "The selected prior switched the model off; these runs are kept in the means above.",
+            "",
+        ]
+        lines += [f"- {r.objective}, {r.method}, seed {r.seed}: best Q {r.best_q:.3f}, test {metric} {r.test_error:.3f}" for r in collapsed]
     failed = [r for r in results if r.failed]
     if failed:
         lines += ["", "## Failed runs (left out of the means)", ""]

@@ -18,6 +18,7 @@ and every function of :class:`Problem` that takes ``(theta, h)`` is pure, so it 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -64,6 +65,22 @@ class HyperSite(_Block):
     @property
     def transform(self):
         return biject_to(self.constraint)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """The data's dtype as torch's default while the model runs, so that constants the model
+    writes as Python numbers (``dist.Gamma(2.0, 1.0)``) are made in it too: in float32 they would
+    round the log density of float64 data to float32. The caller's default is restored after."""
+    previous = torch.get_default_dtype()
+    if dtype == previous or dtype not in (torch.float32, torch.float64):
+        yield
+        return
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _is_floating(x) -> bool:
@@ -178,6 +195,20 @@ class _Discover(Messenger):
 
     def _pyro_post_param(self, msg):
         msg["value"] = self._cast(msg["value"])
+        _check_param(msg["name"], msg["value"])
+
+
+def _check_param(name, value):
+    """A param must lie inside its support: a positive one initialised at 0 or below is stored
+    as ``log 0`` or NaN and would poison every density that uses it."""
+    if not _is_floating(value):
+        return
+    constraint = pyro.get_param_store().get_state()["constraints"].get(name, constraints.real)
+    if not (bool(torch.isfinite(value).all()) and bool(constraint.check(value.detach()).all())):
+        raise ValueError(
+            f"param {name!r} = {_short(value)} lies outside its support ({constraint}); initialise it inside, "
+            "e.g. a positive param above 0"
+        )
 
 
 class _Substitute(Messenger):
@@ -225,18 +256,24 @@ def _is_latent(site) -> bool:
     )
 
 
-def _rows(site, n):
-    """Per-row log-probability of an observed site along its plate of size ``n``, or None."""
+def _rows(site, n, observed_mask=False):
+    """Per-row log-probability of an observed site along its plate of size ``n``, or None; with
+    ``observed_mask``, per row whether any of its elements is observed (not masked out)."""
     for frame in site["cond_indep_stack"]:
         if frame.size == n and frame.dim is not None:
             lp = _site_log_prob(site)
+            if observed_mask:
+                mask = site["mask"]
+                lp = torch.ones(lp.shape, dtype=torch.bool, device=lp.device)
+                if mask is not None:
+                    lp = lp & torch.as_tensor(mask, device=lp.device)
             dim = frame.dim
             if lp.dim() < -dim:
                 lp = lp.reshape((1,) * (-dim - lp.dim()) + lp.shape)
             shape = list(lp.shape)
             shape[dim] = n
-            lp = lp.expand(shape).movedim(dim, 0)
-            return lp.reshape(n, -1).sum(-1)
+            lp = lp.expand(shape).movedim(dim, 0).reshape(n, -1)
+            return lp.any(-1) if observed_mask else lp.sum(-1)
     return None
 
 
@@ -263,6 +300,80 @@ def split_by_row(trace, prior, n, override=None):
 def _site_log_prob(site):
     lp = site["fn"].log_prob(site["value"])
     return scale_and_mask(lp, site["scale"], site["mask"])
+
+
+def _check_finite_kwargs(kwargs, where="model_kwargs"):
+    for key, value in kwargs.items():
+        label = f"{where}[{key!r}]"
+        if isinstance(value, dict):
+            _check_finite_kwargs(value, label)
+        elif isinstance(value, (list, tuple)):
+            _check_finite_kwargs(dict(enumerate(value)), label)
+        elif _is_floating(value) and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{label} contains NaN or inf")
+
+
+def _check_trace(trace):
+    """Refuses what a Laplace fit or a Gaussian guide would get silently wrong: no observed
+    site, observed data whose shape broadcasts against the site's, and subsampled plates."""
+    observed = False
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if site_is_subsample(site):
+            size, used = site["fn"].size, site["value"].numel()
+            if used != size:
+                raise ValueError(
+                    f"plate {name!r} subsamples {used} of its {size} rows (subsample_size=); the evidence, the ELBO "
+                    "and cross-validation are sums over all the data, so give the plate its full size (minibatch "
+                    "steps of the unrolled methods take method_options={'batch_size': B} and scale by N/B themselves)"
+                )
+            continue
+        if not site["is_observed"] or (site.get("infer") or {}).get("_deterministic"):
+            continue
+        observed = True
+        fn, value = site["fn"], site["value"]
+        if isinstance(fn, pyro.distributions.Unit) or not isinstance(value, torch.Tensor):
+            continue  # pyro.factor
+        try:
+            joint = torch.broadcast_shapes(value.shape, fn.shape())
+        except RuntimeError:
+            joint = None
+        if joint not in (tuple(value.shape), tuple(fn.shape())):
+            raise ValueError(
+                f"observed site {name!r}: the data have shape {tuple(value.shape)} and the distribution "
+                f"{tuple(fn.shape())}; they would broadcast to "
+                f"{'nothing' if joint is None else tuple(joint)} and count every observation many times "
+                "(e.g. y of shape (N, 1) against a plate of N: pass y.squeeze(-1))"
+            )
+    if not observed:
+        raise ValueError(
+            "the model has no observed site: the evidence, the ELBO and cross-validation need data to explain "
+            "(pass the observations, e.g. y, to the model's obs=)"
+        )
+
+
+def _check_start(trace, params, hyper_constraints, hint=""):
+    """A finite log density at the start, or an error naming the site."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        try:
+            with pyro.validation_enabled(False):
+                lp = _site_log_prob(site).sum()
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"site {name!r}: its log density cannot be evaluated at the start ({e}){hint}") from e
+        if not bool(torch.isfinite(lp)):
+            hyper = ", ".join(f"{n} = {_short(params[n])}" for n in hyper_constraints) or "none"
+            raise ValueError(
+                f"the log density of site {name!r} is {float(lp)} at the start (latents at their initial values; "
+                f"hyperparameters: {hyper}); check the values the site's distribution gets and its support"
+            )
+
+
+def _short(value) -> str:
+    value = value.detach().cpu()
+    return f"{float(value):g}" if value.numel() == 1 else f"tensor of shape {tuple(value.shape)} ({value.reshape(-1)[:4].tolist()}…)"
 
 
 class Problem:
@@ -307,9 +418,22 @@ class Problem:
 
         # The first run initialises the param store outside any torch.func transform (the store
         # calls requires_grad_) and keeps Pyro's validation on so bad models get its messages.
+        _check_finite_kwargs(self.model_kwargs)
         discover = _Discover(self.dtype, self.device, init_loc_fn)
-        with pyro.validation_enabled(True), discover:
-            trace = pyro.poutine.trace(self.model).get_trace(*self.args, **self.model_kwargs)
+        try:
+            # (not under default_dtype: the params this run creates keep the dtype the user gave them)
+            with pyro.validation_enabled(True), discover:
+                trace = pyro.poutine.trace(self.model).get_trace(*self.args, **self.model_kwargs)
+        except (RuntimeError, TypeError) as e:
+            integer = [i for i, a in enumerate(self.args) if a is not None and not a.is_floating_point()]
+            if not integer:
+                raise
+            raise TypeError(
+                f"the model failed on integer-typed data: positional argument {integer[0]} has dtype "
+                f"{self.args[integer[0]].dtype} ({str(e).splitlines()[0]}); pass floating data (e.g. X.double()) — integer "
+                "arguments are passed on unchanged, as labels and indices need"
+            ) from e
+        _check_trace(trace)
 
         latents, offset, theta_init = [], 0, []
         params = {}
@@ -362,6 +486,9 @@ class Problem:
         self.h_init = (
             torch.cat(h_init) if h_init else torch.zeros(0, dtype=self.dtype, device=self.device)
         )
+        integer = [i for i, a in enumerate(self.args) if a is not None and not a.is_floating_point()]
+        hint = f"; positional argument {integer[0]} is integer-typed ({self.args[integer[0]].dtype})" if integer else ""
+        _check_start(trace, params, {s.name: s.constraint for s in hypers}, hint)
         self.observed = tuple(
             name
             for name, site in trace.nodes.items()
@@ -419,7 +546,7 @@ class Problem:
         sub = _Substitute(self._latent_by_name, theta, self.params(h), self.dtype, self.device)
         args = self.args if args is None else args
         # Pyro's NaN-warning hooks are data-dependent control flow, which torch.func rejects.
-        with pyro.validation_enabled(False), sub:
+        with pyro.validation_enabled(False), default_dtype(self.dtype), sub:
             trace = pyro.poutine.trace(self.model).get_trace(*args, **self.model_kwargs)
         return trace, sub.log_jacobian
 
@@ -450,6 +577,18 @@ class Problem:
                 "log-likelihoods (cross-validation, hold-out) need one"
             )
         return prior, rows
+
+    def observed_rows(self):
+        """``(N,)`` booleans: whether row ``i`` has an observed site's element that is not masked
+        out (``poutine.mask``, ``obs_mask``); masked rows add nothing to the log-likelihood."""
+        trace, _ = self.trace(self.theta_init, self.h_init)
+        keep = torch.zeros(self.num_data, dtype=torch.bool, device=self.device)
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site):
+                rows = _rows(site, self.num_data, observed_mask=True)
+                if rows is not None:
+                    keep = keep | rows
+        return keep
 
     def loss(self, theta, h):
         """The inner loss ``L(θ, h) = −log p(y, w(θ) | h)`` (Jacobian included)."""

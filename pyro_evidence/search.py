@@ -9,26 +9,55 @@ inner problem and evaluates the objective ``Q(θ*(h), h)``.
 A study lives in an Optuna storage — an RDB URL (``sqlite:///study.db``) or a journal file
 (``JournalStorage(JournalFileBackend(path))``) — so a killed run resumes with every finished
 trial kept, and several processes, on one machine or many, share one study. ``n_trials`` counts
-the study's completed trials, however many processes contribute. A journal has no heartbeat:
-trials that a dead process on this host left RUNNING are marked failed and their parameters
-queued again.
+the study's completed trials, however many processes contribute.
+
+Guarantees, and how they are kept:
+
+- The trial loop is Optuna's ask-and-tell, so this module, not Optuna's ``optimize``, decides
+  when a trial may start: only while the completed trials and the running ones of live processes
+  leave room, so the study completes exactly ``n_trials`` (a trial that finds no room after it
+  was created is told PRUNED).
+- Every trial is tagged with its host and process id as soon as it exists. A RUNNING trial whose
+  process on this host is dead, or that was never tagged and is older than
+  :data:`ORPHAN_GRACE_SECONDS` (its process died between Optuna creating it and the tag), is an
+  orphan: it is told FAIL, its parameters are queued again, and it never counts.
+- Ctrl-C tells the running trial FAIL, queues its parameters again and returns to the caller,
+  which keeps the completed trials.
+- A study records a fingerprint of the model, its hyperparameters, the data, the objective and
+  the method (and explicit grid points); joining it with anything else is refused (a different
+  box is allowed: a trial's value is ``Q`` at its point, wherever it was drawn from). Without ``study_name`` the name
+  is derived from that fingerprint, so different problems never share a study.
+- A journal whose last record was cut short by a crash is cut back to its last whole record
+  (under the journal's own lock) before it is opened; a damaged record further in is reported
+  with the line to cut at.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import json
 import math
 import os
 import socket
+import time
 import warnings
 
 import torch
 
-__all__ = ["search", "default_bounds", "GRID_MAX_ELEMENTS", "open_storage", "history_of", "SEARCH_METHODS"]
+from .util import digest, fingerprint, mismatch
+
+__all__ = [
+    "search", "SearchInterrupted", "default_bounds", "GRID_MAX_ELEMENTS", "ORPHAN_GRACE_SECONDS", "open_storage", "history_of",
+    "SEARCH_METHODS",
+]
 
 SEARCH_METHODS = ("grid", "random", "gp")
 
 GRID_MAX_ELEMENTS = 3  # beyond this many elements a default grid is refused (10^k points)
+ORPHAN_GRACE_SECONDS = 10.0  # an untagged RUNNING trial older than this lost its process
 _DEFAULT_HALF_WIDTH = math.log(1e4)  # four decades either side of the initial value
+_FINGERPRINT = "pyro_evidence_fingerprint"
 
 
 def _optuna():
@@ -36,8 +65,20 @@ def _optuna():
         import optuna
     except ImportError as e:  # pragma: no cover - optuna is a declared dependency
         raise ImportError("black-box search needs optuna: pip install optuna") from e
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
+
+
+@contextlib.contextmanager
+def _quiet(optuna):
+    """Optuna's per-trial INFO lines off for the block; the caller's log level restored after."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)
 
 
 def open_storage(storage):
@@ -56,7 +97,59 @@ def open_storage(storage):
         return optuna.storages.RDBStorage(storage)
     from optuna.storages.journal import JournalFileBackend
 
-    return optuna.storages.JournalStorage(JournalFileBackend(storage))
+    repair_journal(storage)
+    try:
+        return optuna.storages.JournalStorage(JournalFileBackend(storage))
+    except ValueError as e:  # json.JSONDecodeError included
+        raise _damaged_journal(storage, e) from None
+
+
+def repair_journal(path) -> int:
+    """Cuts a journal file back to its last whole record when a crash left a partial one at its
+    end (Optuna would append the next record to it and then fail to read the file). Works under
+    the journal's own lock; returns the number of bytes removed and warns when there were any."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return 0
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    lock = JournalFileSymlinkLock(path)
+    lock.acquire()
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            keep = data.rfind(b"\n") + 1
+            if keep == len(data):  # completed by a writer meanwhile
+                return 0
+            f.truncate(keep)
+    finally:
+        lock.release()
+    cut = len(data) - keep
+    warnings.warn(
+        f"journal {path!r} ended in an incomplete record ({cut} bytes, a write cut short by a crash); "
+        "it was cut back to its last whole record",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return cut
+
+
+def _damaged_journal(path, error):
+    """The error for a journal that Optuna cannot read: where the damage is, and what to do."""
+    line_number = None
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, start=1):
+            try:
+                json.loads(line)
+            except ValueError:
+                line_number = i
+                break
+    where = f"record {line_number}" if line_number else "a record"
+    keep = f" (keep the trials before it: head -n {line_number - 1} {path} > repaired.log)" if line_number else ""
+    return ValueError(f"the journal {path!r} is damaged at {where} ({error}); move it aside to start afresh{keep}")
 
 
 def _element_names(problem):
@@ -111,21 +204,20 @@ def _NumberedRandomSampler(optuna, seed):
     return NumberedRandomSampler(seed=seed)
 
 
-def _fail_orphans(study, optuna):
-    """Trials left RUNNING by a process of this host that no longer exists: fail them and queue
-    their parameters again."""
-    host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        attrs = trial.user_attrs
-        if attrs.get("host") != host or _alive(attrs.get("pid")):
-            continue
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params, skip_if_exists=False)
+def _owner(trial):
+    """``"live"`` (a process that may still finish it), ``"dead"`` (an orphan) or ``"unknown"``
+    (untagged and younger than :data:`ORPHAN_GRACE_SECONDS`: perhaps being tagged right now)."""
+    attrs = trial.user_attrs
+    if "pid" not in attrs:
+        started = trial.datetime_start or datetime.datetime.now()
+        age = (datetime.datetime.now() - started).total_seconds()
+        return "dead" if age > ORPHAN_GRACE_SECONDS else "unknown"
+    if attrs.get("host") != socket.gethostname():
+        return "live"  # another machine's process: no way to ask it from here
+    return "live" if _alive(attrs["pid"]) else "dead"
 
 
 def _alive(pid) -> bool:
-    if pid is None:
-        return True
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -133,6 +225,43 @@ def _alive(pid) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _running(study, optuna, names):
+    """The study's RUNNING trials that are not orphans, after failing the orphans and queueing
+    their parameters again (where the orphan had drawn all of them)."""
+    alive = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner = _owner(trial)
+        if owner != "dead":
+            alive.append((trial, owner))
+            continue
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except ValueError:  # another process failed it first and queued it
+            continue
+        if set(names) <= set(trial.params):
+            study.enqueue_trial(trial.params, skip_if_exists=False)
+    return alive
+
+
+def _check_fingerprint(study, key, name):
+    saved = study.user_attrs.get(_FINGERPRINT)
+    if saved is None:
+        if study.get_trials(deepcopy=False):
+            raise ValueError(
+                f"the study {name!r} in this storage was not made by pyro-evidence (or by a version that "
+                "recorded no fingerprint); give another study_name="
+            )
+        study.set_user_attr(_FINGERPRINT, key)
+        return
+    reason = mismatch(saved, key)
+    if reason is not None:
+        raise ValueError(
+            f"the study {name!r} in this storage belongs to another search: {reason}. Its trials would answer "
+            "for a different problem; give another study_name= (or leave it out: the default name is derived "
+            "from the problem)"
+        )
 
 
 def search(obj, method, *, n_trials, bounds=None, grid=None, grid_points=10, storage=None, study_name=None, seed=0, on_trial=None):
@@ -145,76 +274,119 @@ def search(obj, method, *, n_trials, bounds=None, grid=None, grid_points=10, sto
         (a vector-valued one gets the same points for each element).
     :param int grid_points: points per element of the default grid, evenly spaced in the box.
     :param on_trial: ``(h, value) → None``, called after every trial this process runs.
-    :returns: the study.
+    :returns: the study. Ctrl-C fails the running trial, queues it again and raises
+        ``KeyboardInterrupt``; the study keeps every completed trial.
     """
     optuna = _optuna()
     problem = obj.problem
     names = _element_names(problem)
     low, high = default_bounds(problem, bounds)
+    space = None
     if method == "grid":
         space = _grid_space(problem, names, low, high, grid, grid_points)
         size = math.prod(len(v) for v in space.values())
         n_trials = size if n_trials is None else min(n_trials, size)
-        sampler = optuna.samplers.GridSampler(space, seed=seed)
-    elif n_trials is None or n_trials < 1:
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise ValueError(f"n_trials must be a positive int for method={method!r}, got {n_trials!r}")
-    storage = open_storage(storage)
-    study = optuna.create_study(
-        study_name=study_name or "pyro-evidence", storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.RandomSampler(seed=seed),
-    )
-    _fail_orphans(study, optuna)
-    # random draws depend on (seed, trial number) only: reproducible by seed, and a resumed or
-    # joining process never replays the draws already in the study
-    if method == "random":
-        study.sampler = _NumberedRandomSampler(optuna, seed)
-    elif method == "gp":
-        study.sampler = optuna.samplers.GPSampler(
-            seed=seed + len(study.trials),
-            n_startup_trials=min(10, n_trials),
-            independent_sampler=_NumberedRandomSampler(optuna, seed),
-        )
-    else:
-        study.sampler = sampler
+    # a trial's value is Q at its point whatever box it was drawn from: the box is not part of the key
+    key = fingerprint(problem, objective=obj.name, method=method, grid=grid)
+    name = study_name or f"pyro-evidence-{digest(key)}"
+    with _quiet(optuna):
+        path = storage if isinstance(storage, str) and "://" not in storage else None
+        storage = open_storage(storage)
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+        except ValueError as e:  # a journal read further while the study loads
+            if path is None or "Invalid log format" not in str(e) and "Expecting" not in str(e):
+                raise
+            raise _damaged_journal(path, e) from None
+        _check_fingerprint(study, key, name)
+        # random draws depend on (seed, trial number) only: reproducible by seed, and a resumed or
+        # joining process never replays the draws already in the study
+        if method == "random":
+            study.sampler = _NumberedRandomSampler(optuna, seed)
+        elif method == "gp":
+            study.sampler = optuna.samplers.GPSampler(
+                seed=seed + len(study.trials), n_startup_trials=min(10, n_trials),
+                independent_sampler=_NumberedRandomSampler(optuna, seed),
+            )
+        else:
+            study.sampler = _Grid(optuna)(space, seed=seed)
+        try:
+            _trials(study, optuna, obj, names, low, high, method, space, n_trials, on_trial)
+        except KeyboardInterrupt:
+            raise SearchInterrupted(study) from None
+    return study
 
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a search, after the running trial was failed and queued again; ``study``
+    holds every completed trial."""
+
+    def __init__(self, study):
+        super().__init__("search interrupted")
+        self.study = study
+
+
+def _trials(study, optuna, obj, names, low, high, method, space, n_trials, on_trial):
+    """The ask-and-tell loop: a trial starts only while the study has room for it."""
+    problem = obj.problem
     complete = optuna.trial.TrialState.COMPLETE
-    running = optuna.trial.TrialState.RUNNING
     state = {"theta": None}
-
-    def objective(trial):
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
-        # this trial runs only while completed trials and earlier running ones leave room
-        others = study.get_trials(deepcopy=False, states=(complete, running))
-        ahead = sum(1 for t in others if t.state == complete or t.number < trial.number)
-        if ahead >= n_trials:
-            study.stop()
-            raise optuna.TrialPruned("the study has its trials")
-        values = []
-        for i, name in enumerate(names):
-            if method == "grid":
-                values.append(trial.suggest_categorical(name, space[name]))
-            else:
-                values.append(trial.suggest_float(name, float(low[i]), float(high[i])))
-        h = torch.tensor(values, dtype=problem.dtype, device=problem.device)
-        m = obj.solve(h, state["theta"])
+    while True:
+        running = _running(study, optuna, names)
+        done = len(study.get_trials(deepcopy=False, states=(complete,)))
+        if done >= n_trials:
+            return
+        if done + len(running) >= n_trials:
+            if any(owner == "unknown" for _, owner in running):
+                time.sleep(0.2)  # an untagged trial: tagged soon, or an orphan once it is old enough
+                continue
+            return  # live processes are finishing the last trials
+        trial = study.ask()
+        try:
+            trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr("pid", os.getpid())
+            others = study.get_trials(deepcopy=False, states=(complete, optuna.trial.TrialState.RUNNING))
+            ahead = sum(1 for t in others if t.state == complete or t.number < trial.number)
+            if ahead >= n_trials:  # another process took the last place meanwhile
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                continue
+            values = []
+            for i, element in enumerate(names):
+                if method == "grid":
+                    values.append(trial.suggest_categorical(element, space[element]))
+                else:
+                    values.append(trial.suggest_float(element, float(low[i]), float(high[i])))
+            h = torch.tensor(values, dtype=problem.dtype, device=problem.device)
+            m = obj.solve(h, state["theta"])
+            value = float(obj.validation(m.theta, h))
+        except FloatingPointError:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        except BaseException:  # Ctrl-C or an error: the trial is not left RUNNING, its point not lost
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if set(names) <= set(trial.params):
+                study.enqueue_trial(trial.params, skip_if_exists=False)
+            raise
         state["theta"] = m.theta
-        value = float(obj.validation(m.theta, h))
         if not math.isfinite(value):
-            raise optuna.TrialPruned(f"the objective is not finite ({value})")
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        study.tell(trial, value)
         if on_trial is not None:
             on_trial(h, value)
-        return value
 
-    def enough(study, trial):
-        if len(study.get_trials(deepcopy=False, states=(complete,))) >= n_trials:
-            study.stop()
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
-        if len(study.get_trials(deepcopy=False, states=(complete,))) < n_trials:
-            study.optimize(objective, callbacks=[enough], catch=(FloatingPointError,))
-    return study
+def _Grid(optuna):
+    class Grid(optuna.samplers.GridSampler):
+        """Optuna's grid sampler without its own stopping rule: the trial loop counts the trials
+        (``GridSampler`` calls ``study.stop()``, which only ``optimize`` allows)."""
+
+        def after_trial(self, study, trial, state, values):
+            pass
+
+    return Grid
 
 
 def _grid_space(problem, names, low, high, grid, grid_points):
@@ -229,11 +401,24 @@ def _grid_space(problem, names, low, high, grid, grid_points):
             name: torch.linspace(float(low[i]), float(high[i]), grid_points, dtype=torch.float64).tolist()
             for i, name in enumerate(names)
         }
+    if not isinstance(grid, dict):
+        raise TypeError(f"grid must be a dict {{name: [values]}}, got {type(grid).__name__}")
+    known = {s.name for s in problem.hypers}
+    unknown = [n for n in grid if n not in known]
+    if unknown:
+        raise ValueError(f"grid= names unknown hyperparameter {unknown[0]!r}; the model's are {sorted(known)}")
     space = {}
     for site in problem.hypers:
         if site.name not in grid:
             raise ValueError(f"grid= has no points for hyperparameter {site.name!r}")
         values = torch.as_tensor(grid[site.name], dtype=problem.dtype, device=problem.device).reshape(-1)
+        if values.numel() == 0:
+            raise ValueError(f"grid= has an empty list of points for hyperparameter {site.name!r}")
+        outside = [float(v) for v in values.cpu() if not bool(site.constraint.check(v)) or not math.isfinite(float(v))]
+        if outside:
+            raise ValueError(
+                f"grid point {outside[0]:g} of hyperparameter {site.name!r} lies outside its support ({site.constraint})"
+            )
         points = site.transform.inv(values).tolist()
         elements = [site.name] if site.shape == torch.Size([]) else [f"{site.name}[{i}]" for i in range(site.numel)]
         for element in elements:
@@ -242,7 +427,7 @@ def _grid_space(problem, names, low, high, grid, grid_points):
 
 
 def history_of(study, problem):
-    """Completed trials in order: ``(value, h, seconds since the study's first trial)``."""
+    """Completed trials in order: ``(value, h, seconds since the study's first trial, number)``."""
     optuna = _optuna()
     trials = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.number)
     names = _element_names(problem)

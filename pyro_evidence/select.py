@@ -8,9 +8,15 @@ or Adam) works in unconstrained ``h``, so positive hyperparameters move on a log
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import json
 import math
+import os
+import pickle
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +31,8 @@ from .hypergrad.unrolled import UNROLLED
 from .objectives import OBJECTIVES
 from .optim import minimize
 from .problem import Problem
-from .search import SEARCH_METHODS, history_of, search
+from .search import SEARCH_METHODS, SearchInterrupted, history_of, search
+from .util import fingerprint, mismatch
 
 __all__ = ["Selection", "Step", "select_hyperparameters"]
 
@@ -51,9 +58,12 @@ class Selection:
     :ivar objective: ``Q`` at the selected hyperparameters (the log evidence for
         ``objective="laplace"``).
     :ivar history: a :class:`Step` per outer evaluation.
-    :ivar converged: whether ``max |dQ/dh|`` fell below the tolerance.
+    :ivar converged: whether ``max |dQ/dh| ≤ tol`` was measured at the selection (for a
+        black-box search, by one ``ift-cg`` hypergradient at its best trial; for ``graves``,
+        whether the coordinate ascent reached its fixed point); False after an interruption.
     :ivar theta: the inner solution ``θ*(h)`` at the selection (flat, unconstrained).
     :ivar h: the selection in flat unconstrained coordinates.
+    :ivar grad_norm: ``max |dQ/dh|`` at the selection (NaN where it could not be computed).
     """
 
     hyperparameters: dict
@@ -65,6 +75,7 @@ class Selection:
     objective_name: str = "laplace"
     method: str = "ift-exact"
     problem: Problem | None = field(default=None, repr=False)
+    grad_norm: float = math.nan
 
 
 def _coordinate_ascent(obj, h, state, history, max_steps, tol, start, bar):
@@ -121,6 +132,7 @@ def select_hyperparameters(
     checkpoint: str | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
+    overwrite: bool = False,
     init_loc_fn=None,
 ) -> Selection:
     """
@@ -169,11 +181,15 @@ def select_hyperparameters(
         element is built, for at most 3 elements.
     :param storage: an Optuna storage URL (``sqlite:///study.db``) or a journal file path: the
         study persists there, resumes after a kill and is shared by every process using it.
-    :param str study_name: the study's name in the storage.
+    :param str study_name: the study's name in the storage; default a name derived from the
+        problem's fingerprint. A study made for another model, data, objective or method is refused.
     :param int seed: the samplers' seed.
     :param str checkpoint: gradient-based methods: a file to which ``h``, the outer optimiser's
-        state, the warm-start ``θ``, the history and the random-number state are written every
-        ``checkpoint_every`` outer steps (write, then rename). ``resume=True`` continues from it.
+        state, the warm-start ``θ``, the best ``h`` with its own ``θ``, the history and a
+        fingerprint of the problem are written every ``checkpoint_every`` outer steps (write, then
+        rename), while a lock beside it (``<checkpoint>.lock``) keeps other processes from writing
+        it. ``resume=True`` continues from it (refused for another model, data, objective, method
+        or optimizer); an existing checkpoint is replaced only with ``overwrite=True``.
     :param callable init_loc_fn: Pyro's init strategy for the first inner solve's starting point
         (see :class:`~pyro_evidence.problem.Problem`); a neural network needs a random one, e.g.
         ``functools.partial(pyro.infer.autoguide.init_to_uniform, radius=0.05)``.
@@ -186,11 +202,21 @@ def select_hyperparameters(
             f"method='graves' is the closed-form prior update of the ELBO; it needs "
             f"objective='elbo', not {objective!r}"
         )
+    _check_ignored(method, objective, optimizer=optimizer, lr=lr, jitter=jitter, n_trials=n_trials, bounds=bounds,
+                   grid=grid, storage=storage, study_name=study_name, checkpoint=checkpoint, resume=resume,
+                   overwrite=overwrite)
     if optimizer is None:
         optimizer = "lbfgs" if method in ("ift-exact", "ift-cg") else "adam"
     _check_choice("optimizer", optimizer, ("lbfgs", "adam", "sgd"))
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    for name, value in (("max_steps", max_steps), ("checkpoint_every", checkpoint_every), ("inner_max_iter", inner_max_iter)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if n_trials is not None and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
+        raise ValueError(f"n_trials must be a positive int, got {n_trials!r}")
+    method_options = dict(method_options or {})
+    objective_options = dict(objective_options or {})
+    _check_options("objective_options", objective_options, OBJECTIVES[objective], f"objective {objective!r}")
+    _check_method_options(method, method_options)
     problem = Problem(
         model,
         *args,
@@ -199,17 +225,15 @@ def select_hyperparameters(
         require_hyperparameters=True,
         init_loc_fn=init_loc_fn,
     )
-    options = {"max_iter": inner_max_iter, **(objective_options or {})}
+    options = {"max_iter": inner_max_iter, **objective_options}
     if objective == "laplace":
         options["jitter"] = jitter
     obj = OBJECTIVES[objective](problem, **options)
-    check_validation(obj.validation, obj.theta_init, obj.h_init)
     if tol is None:
         tol = max(1e-6, 10 * torch.finfo(problem.dtype).eps ** 0.5)
-    method_options = dict(method_options or {})
     schedule = method_options.pop("schedule", "quadratic") if method == "hoag" else None
     if method == "larsen":
-        method_options.setdefault("per_example", obj.per_example_loss)
+        method_options["per_example"] = obj.per_example_loss
     unrolled = method in UNROLLED
     if unrolled and "batch_size" in method_options:
         method_options["step_loss"] = obj.step_loss(method_options.pop("batch_size"), method_options.pop("seed", 0))
@@ -230,6 +254,8 @@ def select_hyperparameters(
                 theta = hg.info["theta"]
             else:
                 m = obj.solve(h, state["theta"])
+                if not history:  # at the first inner optimum, not at the unfitted start
+                    check_validation(obj.validation, m.theta, h.detach())
                 if method == "ift-exact":
                     opts.update(jitter=jitter, hessian=m.hessian)
                 hg = METHODS[method](obj.inner_loss, obj.validation, m.theta, h.detach(), **opts)
@@ -238,7 +264,7 @@ def select_hyperparameters(
             if state["best"] is None:  # nothing good to fall back on: the error speaks for itself
                 raise
             raise _NonFinite(len(history) + 1, str(e)) from e
-        value, gmax = float(hg.value), float(hg.grad.abs().max())
+        value, gmax = float(hg.value), float(hg.grad.abs().max()) if hg.grad.numel() else 0.0
         if not (math.isfinite(value) and math.isfinite(gmax)):
             raise _NonFinite(len(history) + 1, f"Q = {value}, max |dQ/dh| = {gmax}")
         state["theta"] = theta
@@ -252,28 +278,23 @@ def select_hyperparameters(
         state["cache"] = (h.detach().clone(), hg)
         return hg
 
-    if (checkpoint is not None or resume) and (method in SEARCH_METHODS or method in ("hoag", "graves")):
-        raise ValueError(
-            f"checkpoint=/resume= serve the L-BFGS and Adam outer loops; method {method!r} "
-            + ("persists through storage=" if method in SEARCH_METHODS else "has its own loop")
-        )
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs checkpoint= (the file to resume from)")
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if method in SEARCH_METHODS:
         return _black_box(obj, problem, method, n_trials if n_trials is not None else (None if method == "grid" else max_steps),
-                          bounds, grid, storage, study_name, seed, bar, start, objective)
+                          bounds, grid, storage, study_name, seed, bar, start, objective, tol)
 
     h = obj.h_init.detach().clone().requires_grad_(True)
     stopped = None
+    key = fingerprint(problem, objective=objective, method=method, optimizer=optimizer, objective_options=objective_options)
+    _check_checkpoint_path(checkpoint, resume, overwrite)
+    lock = _CheckpointLock(checkpoint) if checkpoint is not None else contextlib.nullcontext()
     try:
-        if method == "graves":
-            _coordinate_ascent(obj, h.detach(), state, history, max_steps, tol, start, bar)
-        elif method == "hoag":
-            _hoag(evaluate, h.detach(), state, max_steps, tol, schedule, lr)
-        else:
-            _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, problem, checkpoint, checkpoint_every, resume)
+        with lock:
+            if method == "graves":
+                _coordinate_ascent(obj, h.detach(), state, history, max_steps, tol, start, bar)
+            elif method == "hoag":
+                _hoag(evaluate, h.detach(), state, max_steps, tol, schedule, lr)
+            else:
+                _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, problem, checkpoint, checkpoint_every, resume, key)
     except KeyboardInterrupt:
         if state["best"] is None:
             raise
@@ -311,11 +332,129 @@ def select_hyperparameters(
         objective_name=objective,
         method=method,
         problem=problem,
+        grad_norm=gmax_best,
     )
 
 
-def _black_box(obj, problem, method, n_trials, bounds, grid, storage, study_name, seed, bar, start, objective):
-    """Optuna search; the result is a Selection like the gradient methods'."""
+_SEARCH_ONLY = ("n_trials", "bounds", "grid", "storage", "study_name")
+
+
+def _check_ignored(method, objective, **given):
+    """Refuses an option that the chosen method or objective would silently ignore."""
+    search = method in SEARCH_METHODS
+    ignored = []
+    if not search:
+        ignored += [(n, "the black-box search (method='grid' | 'random' | 'gp')") for n in _SEARCH_ONLY if given[n] is not None]
+    else:
+        ignored += [(n, "the gradient methods") for n in ("optimizer", "lr", "checkpoint") if given[n] is not None]
+        ignored += [(n, "the gradient methods") for n in ("resume", "overwrite") if given[n]]
+    if method in ("hoag", "graves"):
+        why = "HOAG's adaptive step" if method == "hoag" else "Graves' closed-form update"
+        ignored += [(n, f"the L-BFGS/Adam/SGD outer loop; {why} has its own loop") for n in ("optimizer", "checkpoint")
+                    if given[n] is not None]
+        ignored += [(n, "the L-BFGS/Adam/SGD outer loop") for n in ("resume", "overwrite") if given[n]]
+    if method == "graves" and given["lr"] is not None:
+        ignored.append(("lr", "the gradient steps (Graves' update is an exact maximisation)"))
+    if given["jitter"] and objective != "laplace":
+        ignored.append(("jitter", "objective='laplace'"))
+    if given["resume"] and given["checkpoint"] is None and not ignored:
+        raise ValueError("resume=True needs checkpoint= (the file to resume from)")
+    if ignored:
+        name, owner = ignored[0]
+        raise ValueError(f"{name}= is an option of {owner}; method={method!r} with objective={objective!r} would ignore it")
+
+
+def _check_options(label, options, fn, owner, skip=0, extra=()):
+    """Refuses keys of ``options`` that ``fn`` (a function or a class) does not take."""
+    target = fn.__init__ if isinstance(fn, type) else fn
+    params = list(inspect.signature(target).parameters.values())[skip:]
+    accepted = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} | set(extra)
+    if isinstance(fn, type):  # an objective: its own options and the inner solver's (Objective.__init__)
+        accepted |= {"max_iter", "tol"}
+        accepted -= {"self", "problem", "jitter"}  # jitter= is select_hyperparameters' own keyword
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"{label} {unknown[0]!r} is not an option of {owner}; its options are {sorted(accepted)}")
+
+
+def _check_method_options(method, options):
+    if method in SEARCH_METHODS or method == "graves":
+        if options:
+            raise ValueError(f"method_options {sorted(options)[0]!r}: method {method!r} takes no method_options")
+        return
+    internal = {"hessian", "per_example", "step_loss", "x0"}  # supplied by the selection loop itself
+    given = set(options) & internal
+    if given:
+        raise ValueError(f"method_options {sorted(given)[0]!r} is set by select_hyperparameters itself; leave it out")
+    if method == "hoag":  # the schedule sets CG's tolerance, the loop its warm start
+        accepted = {"schedule", "max_iter", "damping", "mode"}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ValueError(
+                f"method_options {unknown[0]!r} is not an option of method 'hoag' (its schedule sets CG's tolerance); "
+                f"its options are {sorted(accepted)}"
+            )
+        return
+    extra = ("batch_size", "seed") if method in UNROLLED else ()
+    _check_options("method_options", options, METHODS[method], f"method {method!r}", skip=4, extra=extra)
+
+
+def _check_checkpoint_path(path, resume, overwrite):
+    if path is None:
+        return
+    if resume and not os.path.exists(path):
+        raise FileNotFoundError(f"resume=True but there is no checkpoint at {path!r}")
+    if not resume and os.path.exists(path) and not overwrite:
+        raise FileExistsError(
+            f"checkpoint {path!r} exists: pass resume=True to continue that run, or overwrite=True to start a new one "
+            "in its place"
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint {path!r}: the directory {directory!r} does not exist")
+
+
+class _CheckpointLock:
+    """An exclusive lock on ``<path>.lock`` (``flock``; released by the kernel if the process dies),
+    so that two processes never write one checkpoint. The lock file is removed on release."""
+
+    def __init__(self, path):
+        self.path = f"{path}.lock"
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock on this platform: no lock
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RuntimeError(
+                    f"checkpoint {self.path[:-5]!r} is in use: another process is writing it (it holds {self.path!r})"
+                ) from None
+            try:  # the file may have been removed and re-created by its last holder meanwhile
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return self
+            os.close(fd)
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _black_box(obj, problem, method, n_trials, bounds, grid, storage, study_name, seed, bar, start, objective, tol):
+    """Optuna search; the result is a Selection like the gradient methods'. Ctrl-C returns the best
+    completed trial so far (with a warning), as the gradient loops do."""
     if n_trials is not None:
         bar.total = n_trials
 
@@ -323,34 +462,60 @@ def _black_box(obj, problem, method, n_trials, bounds, grid, storage, study_name
         bar.update(1)
         bar.set_postfix(Q=f"{value:.6g}")
 
+    interrupted = False
     try:
         study = search(obj, method, n_trials=n_trials, bounds=bounds, grid=grid, storage=storage, study_name=study_name, seed=seed, on_trial=on_trial)
+    except SearchInterrupted as e:
+        study, interrupted = e.study, True
     finally:
         bar.close()
     trials = history_of(study, problem)
     if not trials:
+        if interrupted:
+            raise KeyboardInterrupt
         raise RuntimeError("the search completed no trial")
+    if interrupted:
+        warnings.warn(
+            f"search interrupted; returning the best of the {len(trials)} completed trials", RuntimeWarning, stacklevel=3
+        )
     history = [
         Step(value, {k: v.detach().clone() for k, v in problem.params(h).items()}, math.nan, seconds)
         for value, h, seconds, _ in trials
     ]
     value, h_best, _, _ = max(trials, key=lambda t: t[0])
     m = obj.solve(h_best)
+    gmax = _stationarity(obj, m.theta, h_best)
     problem.write_params(h_best)
     return Selection(
         hyperparameters={k: v.detach() for k, v in problem.params(h_best).items()},
         objective=obj.validation(m.theta, h_best).detach(),
         history=history,
-        converged=len(trials) >= (n_trials or 0),
+        converged=not interrupted and gmax <= tol,
         theta=m.theta,
         h=h_best,
         objective_name=objective,
         method=method,
         problem=problem,
+        grad_norm=gmax,
     )
 
 
-def _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, problem, checkpoint, every, resume):
+def _stationarity(obj, theta, h, max_iter=100):
+    """``max |dQ/dh|`` at ``h`` by one ``ift-cg`` hypergradient (CG capped at ``max_iter``
+    iterations); NaN where it cannot be computed or CG does not reach its tolerance."""
+    tol = torch.finfo(theta.dtype).eps ** 0.5
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            hg = METHODS["ift-cg"](obj.inner_loss, obj.validation, theta, h, tol=tol, max_iter=min(max_iter, 10 * theta.numel() + 1))
+    except (FloatingPointError, NotPositiveDefiniteError, RuntimeError):
+        return math.nan
+    if hg.info.get("residual", 0.0) > tol:
+        return math.nan
+    return float(hg.grad.abs().max())
+
+
+def _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, problem, checkpoint, every, resume, key):
     """Ascent on ``Q`` one outer iteration at a time (L-BFGS with a strong-Wolfe line search, or
     Adam), checkpointing every ``every`` iterations and resuming from a checkpoint."""
     if optimizer == "lbfgs":
@@ -364,7 +529,7 @@ def _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, prob
         outer = torch.optim.SGD([h], lr=0.05 if lr is None else lr)
     done = 0
     if resume:
-        done = _load_checkpoint(checkpoint, h, outer, history, state, problem)
+        done = load_checkpoint(checkpoint, h, outer, history, state, problem, key)
 
     def closure():
         hg = evaluate(h.detach())
@@ -381,7 +546,7 @@ def _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, prob
             stalled = False
         done += 1
         if checkpoint is not None and done % every == 0:
-            save_checkpoint(checkpoint, h, outer, history, state, done)
+            save_checkpoint(checkpoint, h, outer, history, state, done, key)
         if state["cache"] is not None and float(state["cache"][1].grad.abs().max()) <= tol:
             evaluate(h.detach())  # the converged point itself, for the record
             break
@@ -389,22 +554,26 @@ def _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, prob
             break
         if optimizer != "lbfgs":
             outer.step()
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, h, outer, history, state, done)
+    if checkpoint is not None and history:
+        save_checkpoint(checkpoint, h, outer, history, state, done, key)
 
 
-def save_checkpoint(path, h, outer, history, state, done):
-    """Writes the outer loop's state as tensors (loadable with ``weights_only=True``), to a
-    temporary file first and then renamed over ``path``, so a kill never leaves half a file."""
-    import os
+_FORMAT = "pyro-evidence/checkpoint/2"
 
+
+def save_checkpoint(path, h, outer, history, state, done, key):
+    """Writes the outer loop's state as tensors and plain values (loadable with
+    ``weights_only=True``), to a temporary file first and then renamed over ``path``, so a kill
+    never leaves half a file. ``key`` is the run's fingerprint (:func:`~pyro_evidence.util.fingerprint`)."""
+    value, h_best, theta_best, _, gmax = state["best"]
     payload = {
-        "format": "pyro-evidence/checkpoint/1",
+        "format": _FORMAT,
+        "fingerprint": json.dumps(key, sort_keys=True),
         "done": done,
         "h": h.detach().clone(),
         "theta": state["theta"].detach().clone(),
+        "best": {"value": value, "h": h_best.detach().clone(), "theta": theta_best.detach().clone(), "grad_norm": gmax},
         "optimizer": outer.state_dict(),
-        "rng": torch.get_rng_state(),
         "objective": torch.tensor([s.objective for s in history], dtype=torch.float64),
         "grad_norm": torch.tensor([s.grad_norm for s in history], dtype=torch.float64),
         "seconds": torch.tensor([s.seconds for s in history], dtype=torch.float64),
@@ -417,39 +586,55 @@ def save_checkpoint(path, h, outer, history, state, done):
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path, h, outer, history, state, problem):
-    import os
-    import pickle
-
+def load_checkpoint(path, h, outer, history, state, problem, key):
+    """Restores a checkpoint written by :func:`save_checkpoint` for the same run (``key``): ``h``,
+    the outer optimiser, the history, the warm-start ``θ`` and the best ``h`` with its own ``θ``,
+    in the problem's dtype and on its device. Returns the number of outer iterations done."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"resume=True but there is no checkpoint at {path!r}")
     try:
         payload = torch.load(path, weights_only=True, map_location=problem.device)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"refusing checkpoint {path!r}: it holds more than tensors and plain values ({e})") from None
-    if not isinstance(payload, dict) or payload.get("format") != "pyro-evidence/checkpoint/1":
-        raise ValueError(f"{path!r} is not a pyro-evidence checkpoint")
-    if payload["h"].shape != h.shape:
-        raise ValueError(f"checkpoint {path!r} has {payload['h'].numel()} hyperparameter elements, this problem {h.numel()}")
+        if "global" in str(e).lower():  # a class or function to import and call: code, not data
+            raise ValueError(f"refusing checkpoint {path!r}: it holds more than tensors and plain values ({e})") from None
+        raise ValueError(
+            f"checkpoint {path!r} is corrupted or truncated (it does not unpickle as data); delete it, or run again "
+            "with resume=False and overwrite=True to start afresh"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"checkpoint {path!r} is corrupted or truncated ({e}); delete it, or run again with resume=False and "
+            "overwrite=True to start afresh"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        raise ValueError(f"{path!r} is not a pyro-evidence checkpoint of format {_FORMAT!r} (found {found!r})")
+    missing = [k for k in ("fingerprint", "done", "h", "theta", "best", "optimizer", "objective", "grad_norm", "seconds",
+                           "hyperparameters") if k not in payload]
+    if missing:
+        raise ValueError(f"checkpoint {path!r} is incomplete: it has no {missing[0]!r}")
+    reason = mismatch(json.loads(payload["fingerprint"]), key)
+    if reason is not None:
+        raise ValueError(f"checkpoint {path!r} belongs to another run: {reason}; resume it with the same problem, or "
+                         "pass overwrite=True without resume=True to start a new run there")
+    kw = {"dtype": problem.dtype, "device": problem.device}
     with torch.no_grad():
-        h.copy_(payload["h"])
+        h.copy_(payload["h"].to(**kw))
     outer.load_state_dict(payload["optimizer"])
-    torch.set_rng_state(payload["rng"].cpu())
-    state["theta"] = payload["theta"]
+    state["theta"] = payload["theta"].to(**kw)
     names = list(payload["hyperparameters"])
     for i in range(payload["objective"].numel()):
         history.append(
             Step(
                 float(payload["objective"][i]),
-                {n: payload["hyperparameters"][n][i] for n in names},
+                {n: payload["hyperparameters"][n][i].to(**kw) for n in names},
                 float(payload["grad_norm"][i]),
                 float(payload["seconds"][i]),
             )
         )
-    if history:
-        best = max(range(len(history)), key=lambda i: history[i].objective)
-        h_best = problem.unconstrain(history[best].hyperparameters)
-        state["best"] = (history[best].objective, h_best, state["theta"], torch.tensor(history[best].objective), history[best].grad_norm)
+    best = payload["best"]
+    value = float(best["value"])
+    state["best"] = (value, best["h"].to(**kw), best["theta"].to(**kw), torch.tensor(value, **kw), float(best["grad_norm"]))
     return int(payload["done"])
 
 

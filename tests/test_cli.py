@@ -36,6 +36,23 @@ def test_demo_table_is_the_exact_evidence(tmp_path):
     del torch
 
 
+def test_demo_and_select_leave_the_callers_param_store_alone():
+    from argparse import Namespace
+
+    import pyro
+    import torch
+
+    from pyro_evidence.cli import select
+
+    pyro.param("prior_precision", torch.tensor(7.0))
+    demo(max_degree=1, output=None, progress=False, out=io.StringIO())
+    args = Namespace(case="linear-diabetes", objective="laplace", method="ift-cg", max_steps=5, n_trials=None, storage=None,
+                     study_name=None, seed=0, checkpoint=None, resume=False, overwrite=False, device="cpu", progress=False)
+    select(args, out=io.StringIO())
+    assert list(pyro.get_param_store().keys()) == ["prior_precision"]
+    assert float(pyro.param("prior_precision").detach()) == 7.0
+
+
 def test_console_script_entry_point(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pyro_evidence.cli", "demo", "--max-degree", "2", "--output", ""],
@@ -64,7 +81,7 @@ def test_select_command_prints_a_table():
     from pyro_evidence.cli import select
 
     args = Namespace(case="linear-diabetes", objective="laplace", method="ift-cg", max_steps=50, n_trials=None, storage=None,
-                     study_name=None, seed=0, checkpoint=None, resume=False, device="cpu", progress=False)
+                     study_name=None, seed=0, checkpoint=None, resume=False, overwrite=False, device="cpu", progress=False)
     sel = select(args, out=out)
     text = out.getvalue()
     assert "prior_precision" in text and "objective" in text and "converged" in text
@@ -83,6 +100,7 @@ def test_experiment_fast_mode(tmp_path):
     table = (tmp_path / "synthetic.md").read_text()
     for method in ("random", "ift-cg", "rmad"):
         assert f"| cv | {method} |" in table
+    assert "Failed runs" not in table
     assert "Deviations from the protocol" in table and "σ = 0.5" in table
     rows = (tmp_path / "synthetic.csv").read_text().splitlines()
     assert len(rows) == 4  # header and one run per method
@@ -97,6 +115,7 @@ def test_mnist_experiment_fast_mode(tmp_path):
         for method in ("random", "greedy", "drmad", "hoag", "ift-cg"):
             assert f"| {objective} | {method} |" in table
     assert "test accuracy" in table and "σ = 0.5" in table and "784-300-10" not in table
+    assert "Failed runs" not in table  # every method ran with the options it was given
     assert len((tmp_path / "mnist.csv").read_text().splitlines()) == 1 + 10
 
 

@@ -86,3 +86,52 @@ def test_models_whose_data_differ_are_refused(data):
         compare_models({}, t, y)
     with pytest.raises(TypeError, match="model 'a'"):
         compare_models({"a": 3}, t, y)
+
+
+def initialised_at(value):
+    def model(t, y=None):
+        alpha = pyro.param("prior_precision", torch.tensor(value), constraint=constraints.positive)
+        X = polynomial_features(t, 2)
+        w = pyro.sample("w", pyro.distributions.Normal(0.0, alpha.rsqrt()).expand([3]).to_event(1))
+        with pyro.plate("data", t.shape[0]):
+            pyro.sample("y", pyro.distributions.Normal(X @ w, 0.3), obs=y)
+
+    return model
+
+
+def test_the_order_of_the_models_does_not_change_their_rows(data):
+    t, y = data
+    pyro.param("unrelated", torch.tensor(3.0))  # the caller's store, to be left as it is
+    a, b = initialised_at(0.5), initialised_at(20.0)  # one param name, different starting values
+    forward = compare_models({"a": a, "b": b}, t, y, elbo=False)
+    backward = compare_models({"b": b, "a": a}, t, y, elbo=False)
+    for name in ("a", "b"):
+        assert forward.loc[name, "log_evidence"] == backward.loc[name, "log_evidence"]
+        assert forward.loc[name, "cv"] == backward.loc[name, "cv"]
+    assert float(forward.loc["a", "hyperparameters"]["prior_precision"]) == pytest.approx(0.5)
+    assert float(forward.loc["b", "hyperparameters"]["prior_precision"]) == pytest.approx(20.0)
+    assert set(pyro.get_param_store().keys()) == {"unrelated"}
+
+
+def masked_regression(t, y=None, keep=None):
+    alpha = pyro.param("prior_precision", torch.tensor(1.0), constraint=constraints.positive)
+    beta = pyro.param("noise_precision", torch.tensor(4.0), constraint=constraints.positive)
+    X = polynomial_features(t, 3)
+    w = pyro.sample("w", pyro.distributions.Normal(0.0, alpha.rsqrt()).expand([4]).to_event(1))
+    with pyro.plate("data", t.shape[0]), pyro.poutine.mask(mask=True if keep is None else keep):
+        pyro.sample("y", pyro.distributions.Normal(X @ w, beta.rsqrt()), obs=y)
+
+
+def test_masked_rows_are_left_out_of_the_log_likelihood(data):
+    t, y = data
+    keep = torch.arange(30) % 3 != 0
+    masked = to_inference_data(masked_regression, t, y, model_kwargs={"keep": keep}, num_samples=200)
+    pyro.clear_param_store()
+    subset = to_inference_data(masked_regression, t[keep], y[keep], num_samples=200)
+    ll = masked.log_likelihood["y"].values
+    assert ll.shape == (1, 200, 20)
+    np.testing.assert_allclose(ll, subset.log_likelihood["y"].values, rtol=1e-12)  # the same posterior, the kept rows
+    np.testing.assert_array_equal(masked.observed_data["y"].values, y[keep].numpy())
+    pyro.clear_param_store()
+    table = compare_models({"masked": (masked_regression, (t, y), {"keep": keep})}, elbo=False, num_samples=200)
+    assert np.isfinite(table.loc["masked", "pareto_k_max"]) and table.loc["masked", "pareto_k_max"] < 0.7

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 import pytest
@@ -120,3 +122,43 @@ def test_a_failed_run_is_recorded_and_left_out_of_the_means(tmp_path):
     # best Q of seeds 0 and 2: −2 and 0, mean −1, sd √2; test RMSE 1 and 3
     assert "| cv | random | nan | -1.000 ± 1.414 | 2.000 ± 0.000 | 2.000 ± 1.414 |" in text
     assert "- cv, random, seed 1: ValueError: the inner Hessian has no positive curvature here" in text
+
+
+def test_a_prior_that_switches_the_network_off_is_reported_as_collapsed(tmp_path):
+    from pyro_evidence.experiments import COLLAPSED_SHARE, Run, write_results
+
+    setup = Mnist(fast=True, pool=4)
+    off = setup.evaluate({"prior_precision_1": torch.tensor(1e4), "prior_precision_2": torch.tensor(1e4)}, seed=0)
+    on = setup.evaluate({"prior_precision_1": torch.tensor(10.0), "prior_precision_2": torch.tensor(5.0)}, seed=0)
+    assert off["collapsed"] and not on["collapsed"]
+    # switched off, every logit is the output bias: one digit for every image, chance accuracy
+    problem, theta, h = setup._fit({"prior_precision_1": torch.tensor(1e4), "prior_precision_2": torch.tensor(1e4)}, setup.args[0], 0)
+    predicted = setup._predictions(problem, theta, h)
+    assert torch.bincount(predicted).max() / predicted.numel() >= COLLAPSED_SHARE
+    assert off["test"] == pytest.approx(float((setup.test[1] == predicted[0]).double().mean()), abs=1e-12)
+    nan = math.nan
+    runs = [Run("mnist", "elbo", "ift-cg", seed, 0.1, -600.0 + seed, 1, acc, acc, acc, 1.0, acc, acc, acc, acc, (1.0,),
+                collapsed=collapsed) for seed, (acc, collapsed) in enumerate([(0.1, True), (0.8, False)])]
+    runs.append(Run("mnist", "elbo", "ift-cg", 2, 0.1, nan, 0, nan, nan, nan, 1.0, nan, nan, nan, nan, (), failed="ValueError: x"))
+    _, md = write_results(runs, tmp_path, "test")
+    text = open(md).read()
+    assert "| 1.000 ± 0.000 | 1 of 2 |" in text  # the collapsed column counts finished runs
+    assert "## Collapsed runs" in text and "- elbo, ift-cg, seed 0: best Q -600.000, test accuracy 0.100" in text
+
+
+def test_synthetic_collapse_is_predictions_that_ignore_the_inputs():
+    from pyro_evidence.experiments import Synthetic
+
+    setup = Synthetic(fast=True)
+    assert setup.evaluate({"prior_precision": torch.full((12,), 1e8, dtype=torch.float64)}, 0)["collapsed"]
+    assert not setup.evaluate({"prior_precision": torch.ones(12, dtype=torch.float64)}, 0)["collapsed"]
+
+
+def test_the_runner_leaves_the_callers_param_store_and_random_state_alone():
+    import pyro
+
+    pyro.param("mine", torch.tensor(7.0))
+    state = torch.get_rng_state()
+    run_synthetic(objectives=("cv",), methods=["ift-cg"], fast=True, progress=False)
+    assert set(pyro.get_param_store().keys()) == {"mine"} and float(pyro.param("mine").detach()) == 7.0
+    assert torch.equal(torch.get_rng_state(), state)

@@ -202,3 +202,150 @@ def test_init_loc_fn_of_the_wrong_shape():
     y = torch.randn(20, dtype=torch.float64)
     with pytest.raises(ValueError, match="init_loc_fn gave latent site 'sigma' a value of shape \\(3,\\)"):
         Problem(scale_model, y, init_loc_fn=lambda site: torch.ones(3))
+
+
+# --- inputs that would give a wrong answer are refused, naming the culprit ---------------------
+
+
+def test_observed_data_that_broadcast_against_the_plate():
+    X, y = diabetes()
+    with pytest.raises(ValueError, match=r"observed site 'y': the data have shape \(442, 1\) and the distribution \(442,\)"):
+        Problem(linear_regression, X, y[:, None])
+
+
+def test_a_model_without_observed_data():
+    X, _ = diabetes()
+    with pytest.raises(ValueError, match="the model has no observed site"):
+        Problem(linear_regression, X, None)
+
+
+def test_a_model_whose_only_observation_is_a_factor_is_accepted():
+    def factor_only(x):
+        a = pyro.param("a", torch.tensor(1.0), constraint=constraints.positive)
+        w = pyro.sample("w", dist.Normal(0.0, a.rsqrt()))
+        pyro.factor("lik", -0.5 * ((x - w) ** 2).sum())
+
+    p = Problem(factor_only, torch.randn(5, dtype=torch.float64))
+    assert p.observed == ("lik",)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_a_hyperparameter_outside_its_support(value):
+    X, y = diabetes()
+    pyro.param("prior_precision", torch.tensor(value), constraint=constraints.positive)
+    with pytest.raises(ValueError, match=r"param 'prior_precision' = (0|nan) lies outside its support"):
+        Problem(linear_regression, X, y)
+    with pytest.raises(ValueError, match="param 'prior_precision'"):
+        select_hyperparameters(linear_regression, X, y, progress=False)
+
+
+def test_a_log_density_that_is_not_finite_at_the_start_names_its_site():
+    def cliff(y):
+        a = pyro.param("a", torch.tensor(2.0), constraint=constraints.positive)
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        pyro.factor("barrier", torch.where(a > 1, -torch.inf, 0.0))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(w, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match=r"log density of site 'barrier' is -inf at the start .*hyperparameters: a = 2"):
+        Problem(cliff, torch.tensor([0.0, 5.0], dtype=torch.float64))
+
+
+def test_observed_data_outside_the_support_names_the_site():
+    def uniform(y):
+        a = pyro.param("a", torch.tensor(2.0), constraint=constraints.positive)
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Uniform(w - a, w + a), obs=y)  # y = 5 lies outside [−2, 2]
+
+    with pytest.raises(ValueError, match=r"site 'y': its log density cannot be evaluated at the start .*within the support"):
+        Problem(uniform, torch.tensor([0.0, 5.0], dtype=torch.float64))
+
+
+def subsampled(X, y=None):
+    a = pyro.param("a", torch.tensor(1.0), constraint=constraints.positive)
+    w = pyro.sample("w", dist.Normal(0.0, a.rsqrt()).expand([X.shape[1]]).to_event(1))
+    with pyro.plate("data", X.shape[0], subsample_size=50) as i:
+        pyro.sample("y", dist.Normal(X[i] @ w, 1.0), obs=y[i])
+
+
+@pytest.mark.parametrize("objective", ["laplace", "elbo", "cv", "holdout"])
+def test_subsampled_plates_are_refused_by_every_objective(objective):
+    X, y = diabetes()
+    with pytest.raises(ValueError, match="plate 'data' subsamples 50 of its 442 rows"):
+        select_hyperparameters(subsampled, X, y, objective=objective, progress=False)
+
+
+def test_subsampled_plates_are_refused_by_the_evidence_functions():
+    from pyro_evidence import cv_log_predictive, elbo_evidence, laplace_evidence
+
+    X, y = diabetes()
+    for fn in (laplace_evidence, elbo_evidence, cv_log_predictive):
+        with pytest.raises(ValueError, match="subsamples 50 of its 442 rows"):
+            fn(subsampled, X, y)
+
+
+def test_integer_data_that_the_model_cannot_use():
+    X, y = diabetes()
+    with pytest.raises(TypeError, match=r"integer-typed data: positional argument 0 has dtype torch.int64"):
+        Problem(linear_regression, X.round().long(), y)
+
+
+def softmax_regression(X, y=None):
+    a = pyro.param("a", torch.tensor(1.0), constraint=constraints.positive)
+    W = pyro.sample("W", dist.Normal(0.0, a.rsqrt()).expand([X.shape[1], 3]).to_event(2))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Categorical(logits=X @ W), obs=y)
+
+
+def test_integer_labels_are_kept_for_models_that_use_them():
+    X, y = diabetes()
+    labels = torch.bucketize(y, torch.tensor([-0.5, 0.5], dtype=torch.float64))  # three classes, int64
+    p = Problem(softmax_regression, X, labels)
+    assert p.args[1].dtype == torch.int64
+    theta = torch.linspace(-0.1, 0.1, p.theta_dim, dtype=torch.float64)
+    W = theta.reshape(10, 3)
+    expected = torch.log_softmax(X @ W, -1)[torch.arange(442), labels].sum() + dist.Normal(0.0, 1.0).log_prob(theta).sum()
+    assert_close(p.log_joint(theta, p.h_init), expected, rtol=1e-12)
+
+
+def test_integer_labels_a_distribution_cannot_take_are_named():
+    from pyro_evidence.models import logistic_regression
+
+    X, y = diabetes()
+    with pytest.raises(ValueError, match=r"site 'y'.*positional argument 1 is integer-typed \(torch.int64\)"):
+        Problem(logistic_regression, X, (y > 0).long())
+
+
+@pytest.mark.parametrize("kwargs, where", [({"s": torch.tensor([1.0, float("nan")])}, "model_kwargs['s']"),
+                                           ({"opts": {"t": torch.tensor(float("inf"))}}, "model_kwargs['opts']['t']")])
+def test_nan_in_model_kwargs(kwargs, where):
+    X, y = diabetes()
+
+    def model(X, y=None, **kw):
+        linear_regression(X, y)
+
+    with pytest.raises(ValueError, match=f"{where.replace('[', '.').replace(']', '.')} contains NaN or inf"):
+        Problem(model, X, y, model_kwargs=kwargs)
+
+
+def test_constants_written_as_python_numbers_follow_the_data_dtype():
+    def gamma_scale(y):
+        rate = pyro.param("rate", torch.tensor(1.0), constraint=constraints.positive)
+        sigma = pyro.sample("sigma", dist.Gamma(2.0, rate))  # 2.0 would be a float32 tensor
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(0.0, sigma), obs=y)
+
+    y = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    p = Problem(gamma_scale, y)
+    s = torch.tensor([0.1 + 1e-9], dtype=torch.float64)  # log σ; 1e-9 is below float32's resolution
+    sigma = s.exp()
+    expected = (
+        torch.distributions.Gamma(torch.tensor(2.0, dtype=torch.float64), 1.0).log_prob(sigma)
+        + torch.distributions.Normal(0.0, sigma).log_prob(y).sum()
+        + s
+    )
+    value = p.log_joint(s, p.h_init)
+    assert value.dtype == torch.float64
+    assert_close(value, expected.squeeze(), rtol=1e-15)
+    assert torch.get_default_dtype() == torch.float32  # the caller's default, restored

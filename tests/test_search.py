@@ -187,3 +187,216 @@ def test_a_checkpoint_holding_pickled_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="refusing checkpoint"):
         select_hyperparameters(linear_regression, X, y, checkpoint=ckpt, resume=True, progress=False)
     assert not os.path.exists("/tmp/pyro_evidence_pwned")
+
+
+# --- a kill at any instant of a trial's life ------------------------------------------------
+
+KILL_AT_ASK = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import optuna
+    import pyro_evidence.search as search
+    from pyro_evidence import select_hyperparameters
+    from pyro_evidence.datasets import diabetes
+    from pyro_evidence.models import linear_regression
+
+    path, n, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    search.ORPHAN_GRACE_SECONDS = 2.0  # the default (10 s) would only make the test slower
+    asked = []
+    ask = optuna.study.Study.ask
+
+    def ask_then_die(self, *args, **kwargs):
+        trial = ask(self, *args, **kwargs)  # Optuna has created the trial, RUNNING, untagged
+        asked.append(trial.number)
+        if len(asked) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return trial
+
+    optuna.study.Study.ask = ask_then_die
+    X, y = diabetes()
+    select_hyperparameters(linear_regression, X, y, method="random", n_trials=n, storage=path, study_name="s", progress=False)
+    """
+)
+
+
+def all_trials(path, name="s"):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(path))).get_trials(deepcopy=False)
+
+
+def test_a_kill_right_after_optuna_creates_a_trial_loses_nothing_and_counts_nothing(tmp_path):
+    journal = str(tmp_path / "study.log")
+    script = tmp_path / "kill_at_ask.py"
+    script.write_text(KILL_AT_ASK)
+    run = [sys.executable, str(script), journal, "8"]
+    first = subprocess.run([*run, "4"], capture_output=True)  # dies inside its 4th ask
+    assert first.returncode == -signal.SIGKILL
+    trials = all_trials(journal)
+    states = [t.state.name for t in trials]
+    assert states == ["COMPLETE"] * 3 + ["RUNNING"] and "pid" not in trials[3].user_attrs  # the orphan has no tag
+    before = {t.number: (t.params, t.value) for t in trials if t.state.name == "COMPLETE"}
+    second = subprocess.run([*run, "0"], capture_output=True, timeout=300)
+    assert second.returncode == 0, second.stderr.decode()[-2000:]
+    after = completed(journal)
+    assert len(after) == 8
+    assert all({t.number: (t.params, t.value) for t in after}[n] == before[n] for n in before)
+    assert all_trials(journal)[3].state.name == "FAIL"  # failed, and not counted
+    params = [tuple(sorted(t.params.items())) for t in after]
+    assert len(set(params)) == 8
+
+
+def test_an_untagged_trial_is_an_orphan_only_once_it_is_older_than_the_grace(monkeypatch):
+    from pyro_evidence import search
+
+    study = optuna.create_study()
+    trial = study.ask()
+    assert search._owner(study.trials[0]) == "unknown"  # its process may be tagging it right now
+    trial.set_user_attr("host", __import__("socket").gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    assert search._owner(study.trials[0]) == "live"
+    study.ask()
+    monkeypatch.setattr(search, "ORPHAN_GRACE_SECONDS", 0.0)
+    assert search._owner(study.trials[1]) == "dead"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    other = study.ask()
+    other.set_user_attr("host", __import__("socket").gethostname())
+    other.set_user_attr("pid", int(dead.stdout))
+    assert search._owner(study.trials[2]) == "dead"
+
+
+# --- a study is never answered for another problem ------------------------------------------
+
+
+def test_a_study_reused_for_other_data_or_objective_is_refused(tmp_path):
+    X, y = diabetes()
+    journal = str(tmp_path / "s.log")
+    kw = {"method": "random", "n_trials": 3, "storage": journal, "study_name": "s", "progress": False}
+    select_hyperparameters(linear_regression, X, y, **kw)
+    with pytest.raises(ValueError, match=r"study 's' in this storage belongs to another search: the data differ"):
+        select_hyperparameters(linear_regression, X[:400], y[:400], **kw)
+    with pytest.raises(ValueError, match="belongs to another search: objective differ"):
+        select_hyperparameters(linear_regression, X, y, objective="cv", **kw)
+    with pytest.raises(ValueError, match="belongs to another search: the model's keyword arguments differ"):
+        select_hyperparameters(linear_regression, X, y, model_kwargs={"ard": True}, **kw)
+
+    def another_model(X, y=None):
+        return linear_regression(X, y)
+
+    with pytest.raises(ValueError, match="belongs to another search: model differ .*another_model"):
+        select_hyperparameters(another_model, X, y, **kw)
+    # without a name, each problem gets a study of its own in the same storage
+    kw.pop("study_name")
+    a = select_hyperparameters(linear_regression, X, y, **kw)
+    b = select_hyperparameters(linear_regression, X[:400], y[:400], **kw)
+    assert a.objective != b.objective
+    assert len(optuna.get_all_study_summaries(open_journal(journal))) == 3
+
+
+def open_journal(path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(path))
+
+
+def test_a_journal_cut_short_by_a_crash_is_read_to_its_last_whole_record(tmp_path):
+    X, y = diabetes()
+    journal = tmp_path / "s.log"
+    kw = {"method": "random", "storage": str(journal), "study_name": "s", "progress": False}
+    select_hyperparameters(linear_regression, X, y, n_trials=3, **kw)
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code": 6, "worker_id": "x", "trial_id": 3, "par')  # the crash's half record
+    with pytest.warns(RuntimeWarning, match="ended in an incomplete record .* cut back to its last whole record"):
+        sel = select_hyperparameters(linear_regression, X, y, n_trials=5, **kw)
+    assert len(sel.history) == 5 and journal.read_bytes().startswith(whole)
+    assert len(completed(str(journal))) == 5
+
+
+def test_a_journal_damaged_in_the_middle_names_the_record(tmp_path):
+    X, y = diabetes()
+    journal = tmp_path / "s.log"
+    kw = {"method": "random", "storage": str(journal), "study_name": "s", "progress": False}
+    select_hyperparameters(linear_regression, X, y, n_trials=2, **kw)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:3] + [b"garbage\n"] + lines[3:]))
+    with pytest.raises(ValueError, match=r"journal .* is damaged at record 4 .*head -n 3"):
+        select_hyperparameters(linear_regression, X, y, n_trials=4, **kw)
+
+
+# --- Ctrl-C --------------------------------------------------------------------------------
+
+
+def test_ctrl_c_in_a_search_returns_the_best_trial_so_far_and_loses_no_point(tmp_path, monkeypatch):
+    from pyro_evidence.objectives.laplace import LaplaceObjective
+
+    X, y = diabetes()
+    journal = str(tmp_path / "s.log")
+    solve, calls = LaplaceObjective.solve, []
+
+    def interrupted_on_the_fourth(self, h, theta0=None):
+        calls.append(h)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return solve(self, h, theta0)
+
+    monkeypatch.setattr(LaplaceObjective, "solve", interrupted_on_the_fourth)
+    kw = {"method": "random", "n_trials": 6, "storage": journal, "study_name": "s", "progress": False}
+    with pytest.warns(RuntimeWarning, match="search interrupted; returning the best of the 3 completed trials"):
+        sel = select_hyperparameters(linear_regression, X, y, **kw)
+    assert len(sel.history) == 3 and not sel.converged
+    assert float(sel.objective) == pytest.approx(max(s.objective for s in sel.history), rel=1e-12)
+    states = [t.state.name for t in all_trials(journal)]
+    assert states == ["COMPLETE"] * 3 + ["FAIL", "WAITING"]  # the interrupted point is queued again
+    monkeypatch.setattr(LaplaceObjective, "solve", solve)
+    pyro.clear_param_store()
+    sel = select_hyperparameters(linear_regression, X, y, **kw)
+    assert len(sel.history) == 6
+    interrupted = all_trials(journal)[3].params
+    assert interrupted in [t.params for t in completed(journal)]  # run on resume
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "grid", "grid": {"prior_precision": [], "noise_precision": [1.0]}}, "empty list of points for hyperparameter 'prior_precision'"),
+        ({"method": "grid", "grid": {"prior_precision": [1.0, -2.0], "noise_precision": [1.0]}}, "grid point -2 of hyperparameter 'prior_precision' lies outside its support"),
+        ({"method": "grid", "grid": {"prior": [1.0], "noise_precision": [1.0]}}, "grid= names unknown hyperparameter 'prior'"),
+        ({"method": "random", "n_trials": 0}, "n_trials must be a positive int, got 0"),
+        ({"method": "random", "n_trials": 2.5}, "n_trials must be a positive int, got 2.5"),
+        ({"method": "gp", "n_trials": True}, "n_trials must be a positive int, got True"),
+        ({"method": "grid", "grid": {"prior_precision": [1.0], "noise_precision": [1.0]}, "n_trials": -1}, "n_trials must be a positive int, got -1"),
+    ],
+)
+def test_bad_grid_and_trial_counts(kwargs, message):
+    X, y = diabetes()
+    with pytest.raises(ValueError, match=message):
+        select_hyperparameters(linear_regression, X, y, progress=False, **kwargs)
+
+
+def test_search_leaves_optunas_log_level_as_it_was():
+    X, y = diabetes()
+    level = optuna.logging.get_verbosity()
+    try:
+        optuna.logging.set_verbosity(optuna.logging.DEBUG)
+        select_hyperparameters(linear_regression, X, y, method="random", n_trials=2, progress=False)
+        assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def test_search_reports_convergence_as_measured():
+    X, y = diabetes()
+    exact = select_hyperparameters(linear_regression, X, y, progress=False)
+    best = {k: float(v) for k, v in exact.hyperparameters.items()}
+    pyro.clear_param_store()
+    grid = {"prior_precision": [1.0, best["prior_precision"]], "noise_precision": [1.0, best["noise_precision"]]}
+    on_optimum = select_hyperparameters(linear_regression, X, y, method="grid", grid=grid, progress=False)
+    assert on_optimum.converged and on_optimum.grad_norm <= 1e-6
+    pyro.clear_param_store()
+    coarse = select_hyperparameters(linear_regression, X, y, method="random", n_trials=3, progress=False)
+    assert not coarse.converged and coarse.grad_norm > 1e-3

@@ -97,8 +97,27 @@ def test_progress_bar_is_shown_when_asked(capsys):
         ({"objective": "evidence"}, "unknown objective 'evidence'"),
         ({"method": "magic"}, "unknown method 'magic'"),
         ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
-        ({"max_steps": 0}, "max_steps must be >= 1"),
+        ({"max_steps": 0}, "max_steps must be a positive int, got 0"),
         ({"hyperparameters": ["noise"]}, "unknown hyperparameter 'noise'"),
+        ({"max_steps": 2.5}, "max_steps must be a positive int, got 2.5"),
+        ({"inner_max_iter": 0}, "inner_max_iter must be a positive int"),
+        ({"n_trials": 0, "method": "random"}, "n_trials must be a positive int, got 0"),
+        # options the chosen method or objective would silently ignore
+        ({"method_options": {"terms": 5}}, "method_options 'terms' is not an option of method 'ift-exact'; its options are"),
+        ({"method": "ift-neumann", "method_options": {"tol": 1e-3}}, "'tol' is not an option of method 'ift-neumann'"),
+        ({"method": "hoag", "method_options": {"tol": 1e-3}}, "'tol' is not an option of method 'hoag' \\(its schedule sets CG's tolerance\\)"),
+        ({"method": "ift-cg", "method_options": {"x0": None}}, "'x0' is set by select_hyperparameters itself"),
+        ({"method": "random", "method_options": {"tol": 1e-3}}, "method 'random' takes no method_options"),
+        ({"n_trials": 10}, "n_trials= is an option of the black-box search"),
+        ({"storage": "study.log"}, "storage= is an option of the black-box search"),
+        ({"bounds": {"prior_precision": (1.0, 2.0)}}, "bounds= is an option of the black-box search"),
+        ({"method": "random", "lr": 0.1}, "lr= is an option of the gradient methods"),
+        ({"method": "grid", "optimizer": "adam"}, "optimizer= is an option of the gradient methods"),
+        ({"method": "hoag", "optimizer": "adam"}, "optimizer= is an option of the L-BFGS/Adam/SGD outer loop; HOAG's adaptive step"),
+        ({"objective": "elbo", "method": "graves", "lr": 0.1}, "lr= is an option of the gradient steps"),
+        ({"objective": "elbo", "jitter": 1e-6}, "jitter= is an option of objective='laplace'"),
+        ({"objective_options": {"k": 3}}, "objective_options 'k' is not an option of objective 'laplace'"),
+        ({"objective": "cv", "objective_options": {"folds": 3}}, "objective_options 'folds' is not an option of objective 'cv'; its options are"),
     ],
 )
 def test_bad_options(kwargs, message):
@@ -123,3 +142,107 @@ def test_interrupt_returns_the_best_so_far():
     best = max(sel.history, key=lambda s: s.objective)
     assert float(sel.objective) == pytest.approx(best.objective, rel=1e-14)
     assert_close(pyro.param("noise_precision").detach(), best.hyperparameters["noise_precision"], rtol=1e-6)
+
+
+def test_options_the_method_uses_are_accepted():
+    X, y = diabetes()
+    sel = select_hyperparameters(linear_regression, X, y, method="hoag", method_options={"schedule": "cubic", "max_iter": 50},
+                                 objective="cv", objective_options={"k": 3, "seed": 1}, max_steps=3, progress=False)
+    assert len(sel.history) >= 1
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def run(path, *data, **kw):
+    X, y = data or diabetes()
+    options = {"optimizer": "adam", "lr": 0.1, "max_steps": 5, "tol": 1e-12, "checkpoint": str(path), "progress": False}
+    return select_hyperparameters(linear_regression, X, y, **{**options, **kw})
+
+
+def test_a_checkpoint_is_refused_for_another_model_data_objective_or_method(tmp_path):
+    ck = tmp_path / "run.pt"
+    run(ck)
+    X, y = diabetes()
+    for kw, what in [
+        ({"data": (X[:400], y[:400])}, "the data differ"),
+        ({"objective": "cv"}, "objective differ"),
+        ({"method": "ift-cg"}, "method differ"),
+        ({"optimizer": "sgd"}, "optimizer differ"),
+        ({"model_kwargs": {"ard": True}}, "hyperparameters differ"),
+    ]:
+        pyro.clear_param_store()
+        data = kw.pop("data", ())
+        with pytest.raises(ValueError, match=f"checkpoint .* belongs to another run: {what}"):
+            run(ck, *data, resume=True, **kw)
+
+
+def test_resuming_restores_the_best_hyperparameters_with_their_own_theta(tmp_path):
+    from .common import linear_gaussian_posterior
+
+    ck = tmp_path / "run.pt"
+    first = run(ck, max_steps=6)
+    saved = torch.load(ck, weights_only=True)
+    assert_close(saved["best"]["h"], first.h, rtol=0)
+    pyro.clear_param_store()
+    again = run(ck, max_steps=6, resume=True)  # nothing left to do: the result comes from the file
+    assert len(again.history) == 6 and again.objective.dtype == torch.float64 and again.theta.dtype == torch.float64
+    assert_close(again.h, first.h, rtol=0)
+    X, y = diabetes()
+    alpha, beta = again.hyperparameters["prior_precision"], again.hyperparameters["noise_precision"]
+    mean, _ = linear_gaussian_posterior(X, y, alpha, beta)
+    assert_close(again.theta, mean, rtol=1e-8)  # θ*(h_best), not the θ of the last step
+    assert_close(again.objective, linear_gaussian_log_evidence(X, y, alpha, beta), rtol=1e-10)
+    best = max(range(6), key=lambda i: first.history[i].objective)
+    assert best != 5 or first.history[5].objective >= first.history[4].objective
+
+
+def test_an_existing_checkpoint_is_only_overwritten_when_asked(tmp_path):
+    ck = tmp_path / "run.pt"
+    run(ck, max_steps=3)
+    with pytest.raises(FileExistsError, match="pass resume=True to continue that run, or overwrite=True"):
+        run(ck, max_steps=2)
+    pyro.clear_param_store()
+    run(ck, max_steps=2, overwrite=True)
+    assert torch.load(ck, weights_only=True)["objective"].numel() == 2
+
+
+def test_two_processes_cannot_write_one_checkpoint(tmp_path):
+    import fcntl
+
+    ck = tmp_path / "run.pt"
+    with open(f"{ck}.lock", "w") as held:  # another writer holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="is in use: another process is writing it"):
+            run(ck)
+    run(ck)  # free again
+    assert not (tmp_path / "run.pt.lock").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "incomplete", "foreign"])
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
+    ck = tmp_path / "run.pt"
+    run(ck, max_steps=2)
+    data = ck.read_bytes()
+    if damage == "truncated":
+        ck.write_bytes(data[: len(data) // 2])
+        message = "is corrupted or truncated .*overwrite=True"
+    elif damage == "garbage":
+        ck.write_bytes(b"not a checkpoint at all")
+        message = "is corrupted or truncated"
+    elif damage == "incomplete":
+        payload = torch.load(ck, weights_only=True)
+        del payload["best"]
+        torch.save(payload, ck)
+        message = "is incomplete: it has no 'best'"
+    else:
+        torch.save({"weights": torch.zeros(3)}, ck)
+        message = "is not a pyro-evidence checkpoint"
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=message):
+        run(ck, resume=True)
+
+
+def test_a_missing_checkpoint_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="the directory .* does not exist"):
+        run(tmp_path / "nowhere" / "run.pt")

@@ -101,7 +101,7 @@ def ift_cg(inner_loss, validation, theta, h, *, tol: float = 1e-10, max_iter: in
     (one linearisation, then one backward pass per iteration)."""
     value, g_theta, g_h = _partials(validation, theta, h)
     r = cg(hvp_operator(inner_loss, theta, h, mode=mode), g_theta, x0, tol=tol, max_iter=max_iter, damping=damping)
-    return _finish(inner_loss, theta, h, value, g_h, r.x, iterations=r.iterations, residual=r.residual)
+    return _finish(inner_loss, theta, h, value, g_h, r.x, iterations=r.iterations, residual=r.residual, converged=r.converged)
 
 
 def ift_neumann(inner_loss, validation, theta, h, *, alpha: float | None = None, terms: int = 50):
@@ -110,7 +110,7 @@ def ift_neumann(inner_loss, validation, theta, h, *, alpha: float | None = None,
     value, g_theta, g_h = _partials(validation, theta, h)
     alpha = default_step(inner_loss, theta, h) if alpha is None else alpha
     r = neumann(hvp_operator(inner_loss, theta, h), g_theta, alpha=alpha, terms=terms)
-    return _finish(inner_loss, theta, h, value, g_h, r.x, alpha=alpha, residuals=r.residuals, residual=r.residual)
+    return _finish(inner_loss, theta, h, value, g_h, r.x, alpha=alpha, residuals=r.residuals, residual=r.residual, converged=r.converged)
 
 
 def t1_t2(inner_loss, validation, theta, h, *, lr: float | None = None):

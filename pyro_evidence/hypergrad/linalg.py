@@ -204,12 +204,13 @@ def cg(matvec, b, x0=None, *, tol: float = 1e-10, max_iter: int | None = None, d
     return SolveResult(x, max_iter, residual, residual <= tol)
 
 
-def neumann(matvec, b, *, alpha: float, terms: int) -> SolveResult:
+def neumann(matvec, b, *, alpha: float, terms: int, tol: float = 1e-6) -> SolveResult:
     """
     ``A⁻¹ b ≈ α Σ_{j=0}^{terms} (I − αA)^j b`` (Lorraine et al. 2020), which converges when
     ``0 < α < 2/λ_max(A)``. ``residuals[j]`` is the relative residual after term ``j``; it costs
     nothing extra, since ``b − A x_j = (I − αA)^{j+1} b`` is the next power the series needs.
-    ``terms + 1`` products with ``A`` in all.
+    ``terms + 1`` products with ``A`` in all; ``converged`` says whether the last relative
+    residual is at most ``tol`` (the series is never cut short: its length is the method).
     """
     if not alpha > 0:
         raise ValueError(f"the Neumann scale alpha must be > 0, got {alpha}")
@@ -224,7 +225,7 @@ def neumann(matvec, b, *, alpha: float, terms: int) -> SolveResult:
         residuals.append(float(p.norm() / b_norm))
         if len(residuals) <= terms:
             x = x + alpha * p
-    return SolveResult(x, terms, residuals[-1], True, residuals)
+    return SolveResult(x, terms, residuals[-1], residuals[-1] <= tol, residuals)
 
 
 def power_iteration(matvec, dim: int, like, iterations: int = 20, seed: int = 0) -> float:

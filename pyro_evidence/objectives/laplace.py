@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import pyro.distributions as dist
 import torch
 
-from ..hypergrad.linalg import cholesky, hessian_and_value
+from ..hypergrad.linalg import cholesky, hessian_and_value, value_grad_hessian
 from ..problem import Problem
 from .base import Objective
 
@@ -156,6 +156,8 @@ def _laplace_at(problem, h, theta_init, jitter, max_iter, tol) -> LaplaceEvidenc
             stacklevel=3,
         )
     theta, H = m.theta, m.hessian
+    if H is None:  # the inner solver works without a dense Hessian above newton_max_dim
+        _, _, H = value_grad_hessian(lambda t: problem.loss(t, h), theta)
     if jitter:
         H = H + jitter * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     factor = cholesky(H)

@@ -129,6 +129,18 @@ def test_neumann_residual_falls_with_every_term():
         neumann(lambda v: A @ v, b, alpha=0.0, terms=3)
 
 
+def test_neumann_reports_convergence_as_measured():
+    A = torch.diag(torch.tensor([1.0, 0.5], dtype=torch.float64))
+    b = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    # (I − A)^j b = (0, 0.5^j): the residual after term j is 0.5^(j+1)/√2
+    short = neumann(lambda v: A @ v, b, alpha=1.0, terms=5)
+    assert_close(short.residual, 0.5**6 / 2**0.5, rtol=1e-14)
+    assert not short.converged
+    long = neumann(lambda v: A @ v, b, alpha=1.0, terms=30, tol=1e-9)
+    assert long.converged and long.residual <= 1e-9
+    assert_close(long.x, torch.linalg.solve(A, b), rtol=1e-9)
+
+
 def test_hvp_modes_agree_with_the_dense_hessian():
     theta = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     h = torch.tensor([0.3, 2.0], dtype=torch.float64)

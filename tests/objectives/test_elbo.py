@@ -4,7 +4,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_sample
 from torch.distributions import constraints
 
 from pyro_evidence import elbo_evidence, select_hyperparameters
@@ -78,6 +78,32 @@ def test_user_supplied_autonormal_and_adam():
     assert r.guide is guide
     loc, scale = guide_loc_scale(guide)["w"]
     assert float(optimal_mean_field_elbo(X, y, 30.0, 2.0) - closed_form_elbo(X, y, 30.0, 2.0, loc, scale)) < 0.5
+
+
+def test_convergence_is_measured_for_both_optimisers():
+    from pyro_evidence.objectives.elbo import ElboObjective
+    from pyro_evidence import Problem
+
+    X, y = diabetes()
+    set_params(30.0, 2.0)
+    fitted = elbo_evidence(linear_regression, X, y)
+    few = elbo_evidence(linear_regression, X, y, optimizer="adam", max_iter=20, lr=0.01)
+    assert fitted.converged and not few.converged  # 20 Adam steps are not a fit, and are not called one
+    for r in (fitted, few):  # grad_norm is the gradient of the fixed-particle objective, computed independently
+        obj = ElboObjective(Problem(linear_regression, X, y))
+        g = torch.func.grad(obj.inner_loss)(r.theta, obj.h_init)
+        assert_close(r.grad_norm, g.norm(), rtol=1e-8)
+    assert few.grad_norm > 1.0 and fitted.grad_norm < 1e-5
+
+
+def test_a_seeded_guide_leaves_the_global_random_state_alone():
+    X, y = diabetes()
+    state = torch.get_rng_state()
+    a = elbo_evidence(linear_regression, X, y, guide=AutoNormal(linear_regression, init_loc_fn=init_to_sample), seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    pyro.clear_param_store()
+    b = elbo_evidence(linear_regression, X, y, guide=AutoNormal(linear_regression, init_loc_fn=init_to_sample), seed=5)
+    assert float(a.elbo) == float(b.elbo)
 
 
 def test_particles_are_centred_and_whitened():

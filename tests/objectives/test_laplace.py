@@ -130,3 +130,45 @@ def test_negative_jitter_is_refused():
     X, y = diabetes()
     with pytest.raises(ValueError, match="jitter must be >= 0"):
         laplace_evidence(linear_regression, X, y, jitter=-1.0)
+
+
+def test_more_than_two_thousand_latents():
+    # above the inner solver's dense-Newton size the mode comes from L-BFGS; the evidence still
+    # needs (and gets) the dense Hessian there
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 2050, generator=g, dtype=torch.float64) / 10
+    y = X[:, 0] + torch.randn(60, generator=g, dtype=torch.float64)
+    set_params(prior_precision=2.0, noise_precision=1.5)
+    r = laplace_evidence(linear_regression, X, y)
+    assert r.converged and r.hessian.shape == (2050, 2050)
+    assert_close(r.log_evidence, linear_gaussian_log_evidence(X, y, 2.0, 1.5), rtol=1e-9)
+
+
+def noisy_regression(X, y=None):
+    # the noise scale is a positive latent: at its unfitted start the posterior is not log-concave
+    alpha = pyro.param("prior_precision", torch.tensor(1.0), constraint=constraints.positive)
+    w = pyro.sample("w", dist.Normal(0.0, alpha.rsqrt()).expand([X.shape[1]]).to_event(1))
+    sigma = pyro.sample("sigma", dist.Gamma(2.0, 1.0))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal(X @ w, sigma), obs=y)
+
+
+def test_selection_does_not_need_a_positive_definite_hessian_at_the_unfitted_start():
+    from pyro_evidence import Problem, select_hyperparameters
+
+    X, y = diabetes()
+    p = Problem(noisy_regression, X, y)
+    H = torch.func.hessian(p.loss)(p.theta_init, p.h_init)
+    assert torch.linalg.eigvalsh(H).min() < 0  # the start the selection used to refuse
+    pyro.clear_param_store()
+    sel = select_hyperparameters(noisy_regression, X, y, progress=False)
+    assert sel.converged and sel.grad_norm <= 1e-6
+
+    def evidence(log_alpha):
+        pyro.clear_param_store()
+        pyro.param("prior_precision", torch.tensor(math.exp(log_alpha), dtype=torch.float64), constraint=constraints.positive)
+        return float(laplace_evidence(noisy_regression, X, y).log_evidence)
+
+    a, eps = math.log(float(sel.hyperparameters["prior_precision"])), 1e-4
+    assert abs(evidence(a + eps) - evidence(a - eps)) / (2 * eps) < 1e-4  # a stationary point of the evidence
+    assert_close(evidence(a), sel.objective, rtol=1e-10)

@@ -214,9 +214,15 @@ def test_observed_data_that_broadcast_against_the_plate():
 
 
 def test_a_model_without_observed_data():
+    from pyro_evidence import laplace_evidence
+
     X, _ = diabetes()
     with pytest.raises(ValueError, match="the model has no observed site"):
         Problem(linear_regression, X, None)
+    with pytest.raises(ValueError, match="the model has no observed site"):
+        laplace_evidence(linear_regression, X, None)
+    with pytest.raises(ValueError, match="the model has no observed site"):
+        select_hyperparameters(linear_regression, X, None, progress=False)
 
 
 def test_a_model_whose_only_observation_is_a_factor_is_accepted():

@@ -45,6 +45,7 @@ import warnings
 
 import torch
 
+from .hypergrad.linalg import NotPositiveDefiniteError
 from .util import digest, fingerprint, mismatch
 
 __all__ = [
@@ -329,13 +330,25 @@ class SearchInterrupted(KeyboardInterrupt):
 
 
 def _trials(study, optuna, obj, names, low, high, method, space, n_trials, on_trial):
-    """The ask-and-tell loop: a trial starts only while the study has room for it."""
+    """The ask-and-tell loop: a trial starts only while the study has room for it. A point where
+    the objective is not finite is told FAIL (tagged ``"failed"``) and replaced by a new draw; a grid
+    point is not, so there it counts as done. ``n_trials`` such failures in a row end the search."""
     problem = obj.problem
     complete = optuna.trial.TrialState.COMPLETE
-    state = {"theta": None}
+    state = {"theta": None, "failures": 0}
+
+    def failed(trial, state_, reason):
+        trial.set_user_attr("failed", reason)
+        study.tell(trial, state=state_)
+        state["failures"] += 1
+        if state["failures"] >= n_trials:
+            raise FloatingPointError(f"the objective was not finite at {n_trials} trials in a row (the last: {reason})")
+
     while True:
         running = _running(study, optuna, names)
         done = len(study.get_trials(deepcopy=False, states=(complete,)))
+        if method == "grid":
+            done += sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)) if "failed" in t.user_attrs)
         if done >= n_trials:
             return
         if done + len(running) >= n_trials:
@@ -361,18 +374,18 @@ def _trials(study, optuna, obj, names, low, high, method, space, n_trials, on_tr
             h = torch.tensor(values, dtype=problem.dtype, device=problem.device)
             m = obj.solve(h, state["theta"])
             value = float(obj.validation(m.theta, h))
-        except FloatingPointError:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        except (FloatingPointError, NotPositiveDefiniteError) as e:
+            failed(trial, optuna.trial.TrialState.FAIL, f"{type(e).__name__}: {e}"[:200])
             continue
         except BaseException:  # Ctrl-C or an error: the trial is not left RUNNING, its point not lost
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             if set(names) <= set(trial.params):
                 study.enqueue_trial(trial.params, skip_if_exists=False)
             raise
-        state["theta"] = m.theta
         if not math.isfinite(value):
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            failed(trial, optuna.trial.TrialState.FAIL, f"the objective is {value}")
             continue
+        state["theta"], state["failures"] = m.theta, 0
         study.tell(trial, value)
         if on_trial is not None:
             on_trial(h, value)

@@ -400,3 +400,23 @@ def test_search_reports_convergence_as_measured():
     pyro.clear_param_store()
     coarse = select_hyperparameters(linear_regression, X, y, method="random", n_trials=3, progress=False)
     assert not coarse.converged and coarse.grad_norm > 1e-3
+
+
+def fragile(X, y=None):
+    alpha = pyro.param("prior_precision", torch.tensor(1.0), constraint=torch.distributions.constraints.positive)
+    pyro.factor("cliff", torch.where(alpha > 5.0, torch.nan, 0.0))  # no finite objective above 5
+    return linear_regression(X, y)
+
+
+def test_a_grid_point_where_the_objective_fails_is_recorded_once_and_not_rerun():
+    X, y = diabetes()
+    grid = {"prior_precision": [1.0, 2.0, 10.0], "noise_precision": [2.0]}
+    sel = select_hyperparameters(fragile, X, y, method="grid", grid=grid, progress=False)
+    assert sorted(round(float(s.hyperparameters["prior_precision"]), 6) for s in sel.history) == [1.0, 2.0]
+    assert float(sel.hyperparameters["prior_precision"]) == pytest.approx(2.0)
+
+
+def test_a_search_where_the_objective_never_is_finite_ends_with_a_clear_error():
+    X, y = diabetes()
+    with pytest.raises(FloatingPointError, match="not finite at 4 trials in a row"):
+        select_hyperparameters(fragile, X, y, method="random", n_trials=4, bounds={"prior_precision": (6.0, 60.0)}, progress=False)

@@ -256,25 +256,25 @@ def _is_latent(site) -> bool:
     )
 
 
-def _rows(site, n, observed_mask=False):
-    """Per-row log-probability of an observed site along its plate of size ``n``, or None; with
-    ``observed_mask``, per row whether any of its elements is observed (not masked out)."""
+def _per_row(site, n, values):
+    """``values`` (shaped like the site's log-probability) as ``(n, rest)`` along the site's plate
+    of size ``n``, or None where the site lies in no such plate."""
     for frame in site["cond_indep_stack"]:
         if frame.size == n and frame.dim is not None:
-            lp = _site_log_prob(site)
-            if observed_mask:
-                mask = site["mask"]
-                lp = torch.ones(lp.shape, dtype=torch.bool, device=lp.device)
-                if mask is not None:
-                    lp = lp & torch.as_tensor(mask, device=lp.device)
             dim = frame.dim
-            if lp.dim() < -dim:
-                lp = lp.reshape((1,) * (-dim - lp.dim()) + lp.shape)
-            shape = list(lp.shape)
+            if values.dim() < -dim:
+                values = values.reshape((1,) * (-dim - values.dim()) + values.shape)
+            shape = list(values.shape)
             shape[dim] = n
-            lp = lp.expand(shape).movedim(dim, 0).reshape(n, -1)
-            return lp.any(-1) if observed_mask else lp.sum(-1)
+            return values.expand(shape).movedim(dim, 0).reshape(n, -1)
     return None
+
+
+def _rows(site, n):
+    """Per-row log-probability of an observed site along its plate of size ``n``, or None."""
+    if not any(frame.size == n and frame.dim is not None for frame in site["cond_indep_stack"]):
+        return None
+    return _per_row(site, n, _site_log_prob(site)).sum(-1)
 
 
 def split_by_row(trace, prior, n, override=None):
@@ -353,8 +353,9 @@ def _check_trace(trace):
         )
 
 
-def _check_start(trace, params, hyper_constraints, hint=""):
-    """A finite log density at the start, or an error naming the site."""
+def _check_start(trace, hyperparameters, hint=""):
+    """A finite log density at the start, or an error naming the site and the hyperparameters'
+    values ``{name: value}``."""
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
@@ -364,7 +365,7 @@ def _check_start(trace, params, hyper_constraints, hint=""):
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"site {name!r}: its log density cannot be evaluated at the start ({e}){hint}") from e
         if not bool(torch.isfinite(lp)):
-            hyper = ", ".join(f"{n} = {_short(params[n])}" for n in hyper_constraints) or "none"
+            hyper = ", ".join(f"{n} = {_short(v)}" for n, v in hyperparameters.items()) or "none"
             raise ValueError(
                 f"the log density of site {name!r} is {float(lp)} at the start (latents at their initial values; "
                 f"hyperparameters: {hyper}); check the values the site's distribution gets and its support"
@@ -419,13 +420,13 @@ class Problem:
         # The first run initialises the param store outside any torch.func transform (the store
         # calls requires_grad_) and keeps Pyro's validation on so bad models get its messages.
         _check_finite_kwargs(self.model_kwargs)
+        integer = [i for i, a in enumerate(self.args) if a is not None and not a.is_floating_point()]
         discover = _Discover(self.dtype, self.device, init_loc_fn)
         try:
             # (not under default_dtype: the params this run creates keep the dtype the user gave them)
             with pyro.validation_enabled(True), discover:
                 trace = pyro.poutine.trace(self.model).get_trace(*self.args, **self.model_kwargs)
         except (RuntimeError, TypeError) as e:
-            integer = [i for i, a in enumerate(self.args) if a is not None and not a.is_floating_point()]
             if not integer:
                 raise
             raise TypeError(
@@ -486,9 +487,8 @@ class Problem:
         self.h_init = (
             torch.cat(h_init) if h_init else torch.zeros(0, dtype=self.dtype, device=self.device)
         )
-        integer = [i for i, a in enumerate(self.args) if a is not None and not a.is_floating_point()]
         hint = f"; positional argument {integer[0]} is integer-typed ({self.args[integer[0]].dtype})" if integer else ""
-        _check_start(trace, params, {s.name: s.constraint for s in hypers}, hint)
+        _check_start(trace, {s.name: params[s.name] for s in hypers}, hint)
         self.observed = tuple(
             name
             for name, site in trace.nodes.items()
@@ -585,9 +585,13 @@ class Problem:
         keep = torch.zeros(self.num_data, dtype=torch.bool, device=self.device)
         for site in trace.nodes.values():
             if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site):
-                rows = _rows(site, self.num_data, observed_mask=True)
+                shape = _site_log_prob(site).shape  # may exceed batch_shape (a scalar law, N values)
+                observed = torch.ones(shape, dtype=torch.bool, device=self.device)
+                if site["mask"] is not None:
+                    observed = observed & torch.as_tensor(site["mask"], device=self.device)
+                rows = _per_row(site, self.num_data, observed)
                 if rows is not None:
-                    keep = keep | rows
+                    keep = keep | rows.any(-1)
         return keep
 
     def loss(self, theta, h):

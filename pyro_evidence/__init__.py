@@ -1,7 +1,16 @@
 """pyro-evidence: evidence-based model selection and hyperparameter optimisation for Pyro."""
 
 from .hypergrad import Hypergradient, NotPositiveDefiniteError, hypergradient
-from .objectives import CrossValidation, ElboEvidence, LaplaceEvidence, cv_log_predictive, elbo_evidence, laplace_evidence
+from .objectives import (
+    CrossValidation,
+    Curvature,
+    ElboEvidence,
+    LaplaceEvidence,
+    cv_log_predictive,
+    elbo_evidence,
+    laplace_evidence,
+    laplace_hypergradient,
+)
 from .compare import compare_models, to_inference_data
 from .problem import Problem
 from .pruning import graves_ratio, prune
@@ -25,6 +34,8 @@ __all__ = [
     "graves_ratio",
     "hypergradient",
     "laplace_evidence",
+    "laplace_hypergradient",
+    "Curvature",
     "prune",
     "select_hyperparameters",
     "sequential_log_predictive",

@@ -18,7 +18,7 @@ from torch.func import vmap
 
 from .objectives.cv import cv_log_predictive
 from .objectives.elbo import elbo_evidence
-from .objectives.laplace import gaussian_draws, laplace_evidence
+from .objectives.laplace import laplace_evidence
 from .problem import Problem
 from .util import isolated_params
 
@@ -26,8 +26,18 @@ __all__ = ["compare_models", "to_inference_data", "laplace_draws"]
 
 
 def laplace_draws(result, num_samples: int = 1000, seed: int = 0):
-    """Draws ``θ_s ~ N(θ̂, H⁻¹)`` of a :class:`~pyro_evidence.LaplaceEvidence`, shape ``(S, D)``."""
-    return gaussian_draws(result.theta, result.hessian, num_samples, seed)
+    """Draws ``θ_s ~ N(θ̂, C⁻¹)`` of a :class:`~pyro_evidence.LaplaceEvidence` in its curvature, shape ``(S, D)``."""
+    return result.sample(num_samples, seed)
+
+
+def laplace_rows(result, draws):
+    """Per-row log-likelihoods ``(S, N)`` of the Laplace predictive at ``draws``: the model itself at each draw for
+    the exact Hessian, the model linearised at the mode (the GLM predictive) for the GGN and its structures."""
+    problem, h = result.problem, result.problem.h_init
+    with torch.no_grad():
+        if result.curvature is None or result.curvature.structure == "exact":
+            return vmap(lambda t: problem.terms(t, h)[1])(draws)
+        return result.curvature.model.linearised_rows(result.theta, h, draws - result.theta)
 
 
 def _arviz():
@@ -38,23 +48,26 @@ def _arviz():
     return arviz
 
 
-def to_inference_data(model, *args, model_kwargs: dict | None = None, num_samples: int = 1000, seed: int = 0, result=None):
+def to_inference_data(model, *args, model_kwargs: dict | None = None, num_samples: int = 1000, seed: int = 0, result=None,
+                      hessian: str = "exact"):
     """
     ArviZ ``InferenceData`` from the Laplace posterior of a Pyro model: ``posterior`` (the latent
     sites, constrained), ``log_likelihood`` (the per-row log-likelihood of every draw; rows that
     ``poutine.mask`` leaves out of the likelihood are left out here too) and ``observed_data``. ``az.loo``, ``az.waic``, ``az.compare`` and ArviZ's plots work on it.
 
     :param result: a :class:`~pyro_evidence.LaplaceEvidence` of the same model and data, to
-        reuse (computed at the param store's hyperparameters if None).
+        reuse (computed at the param store's hyperparameters if None, with curvature ``hessian``).
+        Its curvature sets the draws, and for the GGN family the log-likelihood is the linearised (GLM)
+        predictive's.
     """
     az = _arviz()
-    result = result if result is not None else laplace_evidence(model, *args, model_kwargs=model_kwargs)
+    result = result if result is not None else laplace_evidence(model, *args, model_kwargs=model_kwargs, hessian=hessian)
     problem = result.problem
     h = problem.h_init
     draws = laplace_draws(result, num_samples, seed)
     keep = problem.observed_rows()  # masked rows have no likelihood: PSIS has nothing to weigh there
     with torch.no_grad():
-        rows = vmap(lambda t: problem.terms(t, h)[1])(draws)[:, keep]
+        rows = laplace_rows(result, draws)[:, keep]
         latents = vmap(lambda t: problem.latent_values(t, h))(draws)
     name = problem.observed[0] if len(problem.observed) == 1 else "y"
     observed = {}
@@ -110,6 +123,7 @@ def compare_models(
     elbo: bool = True,
     num_samples: int = 1000,
     seed: int = 0,
+    hessian: str = "exact",
 ):
     """
     One row per model: Laplace log evidence, ELBO (with its Monte-Carlo error), k-fold CV log
@@ -120,6 +134,8 @@ def compare_models(
         ``{name: (model, args[, model_kwargs])}``; every model must explain the same observed data.
     :param bool select: first select each model's hyperparameters by Laplace evidence; each model
         works on its own copy of the param store, so models may share ``pyro.param`` names.
+    :param str hessian: the Laplace curvature (``"exact"``, ``"ggn"``, ``"diag"``, ``"kron"``) for the evidence,
+        the selection and the draws behind PSIS-LOO.
     :returns: a pandas ``DataFrame`` indexed by model name; ``hyperparameters`` holds the values
         used.
     """
@@ -141,8 +157,8 @@ def compare_models(
                     "their evidences cannot be compared"
                 )
             if select:
-                select_hyperparameters(model, *data, model_kwargs=kwargs, progress=False)
-            lap = laplace_evidence(model, *data, model_kwargs=kwargs)
+                select_hyperparameters(model, *data, model_kwargs=kwargs, progress=False, hessian=hessian)
+            lap = laplace_evidence(model, *data, model_kwargs=kwargs, hessian=hessian)
             row = {"log_evidence": float(lap.log_evidence)}
             if elbo:
                 ev = elbo_evidence(model, *data, model_kwargs=kwargs, seed=seed)

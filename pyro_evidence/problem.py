@@ -541,12 +541,15 @@ class Problem:
             store[name] = value.to(dtype=old.dtype, device=old.device)
 
     # --- the functional model ----------------------------------------------------------------
-    def trace(self, theta, h, args=None):
-        """Runs the model with ``θ`` and ``h`` substituted. Returns ``(trace, log_jacobian)``."""
+    def trace(self, theta, h, args=None, handlers=()):
+        """Runs the model with ``θ`` and ``h`` substituted (and ``handlers``, context managers entered inside the
+        substitution). Returns ``(trace, log_jacobian)``."""
         sub = _Substitute(self._latent_by_name, theta, self.params(h), self.dtype, self.device)
         args = self.args if args is None else args
         # Pyro's NaN-warning hooks are data-dependent control flow, which torch.func rejects.
-        with pyro.validation_enabled(False), default_dtype(self.dtype), sub:
+        with pyro.validation_enabled(False), default_dtype(self.dtype), sub, contextlib.ExitStack() as stack:
+            for handler in handlers:
+                stack.enter_context(handler)
             trace = pyro.poutine.trace(self.model).get_trace(*args, **self.model_kwargs)
         return trace, sub.log_jacobian
 

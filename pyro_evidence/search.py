@@ -290,7 +290,7 @@ def search(obj, method, *, n_trials, bounds=None, grid=None, grid_points=10, sto
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise ValueError(f"n_trials must be a positive int for method={method!r}, got {n_trials!r}")
     # a trial's value is Q at its point whatever box it was drawn from: the box is not part of the key
-    key = fingerprint(problem, objective=obj.name, method=method, grid=grid)
+    key = fingerprint(problem, objective=obj.name, method=method, grid=grid, **getattr(obj, "key", {}))
     name = study_name or f"pyro-evidence-{digest(key)}"
     with _quiet(optuna):
         path = storage if isinstance(storage, str) and "://" not in storage else None

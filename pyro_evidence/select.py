@@ -121,6 +121,7 @@ def select_hyperparameters(
     tol: float | None = None,
     progress: bool | None = None,
     jitter: float = 0.0,
+    hessian: str = "exact",
     inner_max_iter: int = 500,
     objective_options: dict | None = None,
     method_options: dict | None = None,
@@ -166,6 +167,10 @@ def select_hyperparameters(
         float64, ``10√ε`` in lower precision.
     :param progress: show a tqdm bar; default: only in a terminal.
     :param float jitter: added to the inner Hessian's diagonal where the objective uses it.
+    :param str hessian: ``objective="laplace"``: the curvature whose ``log det`` the evidence uses — ``"exact"``,
+        ``"ggn"``, ``"diag"`` or ``"kron"`` (see :func:`~pyro_evidence.laplace_evidence`;
+        ``objective_options={"logdet": "slq"}`` for the matrix-free route). The hypergradient differentiates the
+        evidence of that curvature, its ``θ̂``-dependence included.
     :param int inner_max_iter: L-BFGS iterations of each inner solve at most.
     :param dict objective_options: passed to the objective, e.g. ``{"num_particles": 128}`` for
         the ELBO, ``{"k": 10, "stratify": labels}`` for CV.
@@ -203,7 +208,7 @@ def select_hyperparameters(
             f"method='graves' is the closed-form prior update of the ELBO; it needs "
             f"objective='elbo', not {objective!r}"
         )
-    _check_ignored(method, objective, optimizer=optimizer, lr=lr, jitter=jitter, n_trials=n_trials, bounds=bounds,
+    _check_ignored(method, objective, optimizer=optimizer, lr=lr, jitter=jitter, hessian=hessian, n_trials=n_trials, bounds=bounds,
                    grid=grid, storage=storage, study_name=study_name, checkpoint=checkpoint, resume=resume,
                    overwrite=overwrite)
     if optimizer is None:
@@ -228,7 +233,7 @@ def select_hyperparameters(
     )
     options = {"max_iter": inner_max_iter, **objective_options}
     if objective == "laplace":
-        options["jitter"] = jitter
+        options.update(jitter=jitter, hessian=hessian)
     obj = OBJECTIVES[objective](problem, **options)
     if tol is None:
         tol = max(1e-6, 10 * torch.finfo(problem.dtype).eps ** 0.5)
@@ -285,7 +290,8 @@ def select_hyperparameters(
 
     h = obj.h_init.detach().clone().requires_grad_(True)
     stopped = None
-    key = fingerprint(problem, objective=objective, method=method, optimizer=optimizer, objective_options=objective_options)
+    key = fingerprint(problem, objective=objective, method=method, optimizer=optimizer, objective_options=objective_options,
+                      **getattr(obj, "key", {}))
     _check_checkpoint_path(checkpoint, resume, overwrite)
     lock = _CheckpointLock(checkpoint) if checkpoint is not None else contextlib.nullcontext()
     try:
@@ -358,6 +364,8 @@ def _check_ignored(method, objective, **given):
         ignored.append(("lr", "the gradient steps (Graves' update is an exact maximisation)"))
     if given["jitter"] and objective != "laplace":
         ignored.append(("jitter", "objective='laplace'"))
+    if given["hessian"] != "exact" and objective != "laplace":
+        ignored.append(("hessian", "objective='laplace'"))
     if given["resume"] and given["checkpoint"] is None and not ignored:
         raise ValueError("resume=True needs checkpoint= (the file to resume from)")
     if ignored:
@@ -372,7 +380,7 @@ def _check_options(label, options, fn, owner, skip=0, extra=()):
     accepted = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} | set(extra)
     if isinstance(fn, type):  # an objective: its own options and the inner solver's (Objective.__init__)
         accepted |= {"max_iter", "tol"}
-        accepted -= {"self", "problem", "jitter"}  # jitter= is select_hyperparameters' own keyword
+        accepted -= {"self", "problem", "jitter", "hessian"}  # select_hyperparameters' own keywords
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(f"{label} {unknown[0]!r} is not an option of {owner}; its options are {sorted(accepted)}")

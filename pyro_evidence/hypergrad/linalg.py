@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 
+CHUNK = 256  # Hessian columns per batched backward pass
+
+
 class NotPositiveDefiniteError(ValueError):
     """The Hessian of the inner loss is not positive definite where it must be."""
 
@@ -49,10 +52,12 @@ def hessian(fn, theta, *args, mode: str = "reverse-over-reverse"):
     raise ValueError(f"unknown Hessian mode {mode!r}; use 'forward-over-reverse' or 'reverse-over-reverse'")
 
 
-def hessian_and_value(fn, theta, *args):
+def hessian_and_value(fn, theta, *args, chunk_size: int | None = 256):
     """``(∂²fn/∂θ², fn(θ, *args))`` by ``torch.func`` reverse-over-reverse, the value taken from
-    the same forward pass (pure: differentiable again, usable under transforms)."""
-    return jacrev(grad_and_value(fn), has_aux=True)(theta, *args)
+    the same forward pass (pure: differentiable again, usable under transforms). The Hessian's
+    columns are built ``chunk_size`` Hessian-vector products at a time: ``d`` backward passes in all,
+    with memory for ``chunk_size`` of them, never ``d``."""
+    return jacrev(grad_and_value(fn), has_aux=True, chunk_size=chunk_size)(theta, *args)
 
 
 def value_grad_hessian(fn, theta):
@@ -68,11 +73,15 @@ def value_grad_hessian(fn, theta):
         t = theta.detach().requires_grad_(True)
         f = fn(t)
         (g,) = torch.autograd.grad(f, t, create_graph=True)
-        eye = torch.eye(t.numel(), dtype=t.dtype, device=t.device)
-        if g.requires_grad:
-            (H,) = torch.autograd.grad(g, t, eye, is_grads_batched=True)
-        else:  # fn is linear in θ
-            H = torch.zeros_like(eye)
+        d = t.numel()
+        eye = torch.eye(d, dtype=t.dtype, device=t.device)
+        if not g.requires_grad:  # fn is linear in θ
+            return f.detach(), g.detach(), torch.zeros_like(eye)
+        # CHUNK columns at a time: memory for CHUNK backward passes, not d of them
+        H = torch.cat([
+            torch.autograd.grad(g, t, eye[i : i + CHUNK], is_grads_batched=True, retain_graph=True)[0]
+            for i in range(0, d, CHUNK)
+        ]) if d else eye
     return f.detach(), g.detach(), H.detach()
 
 

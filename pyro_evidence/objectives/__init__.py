@@ -3,7 +3,8 @@
 from .base import Objective
 from .cv import CrossValidation, CrossValidationObjective, HoldoutObjective, cv_log_predictive
 from .elbo import ElboEvidence, ElboObjective, elbo_evidence
-from .laplace import LaplaceEvidence, LaplaceObjective, laplace_evidence
+from .curvature import Curvature
+from .laplace import LaplaceEvidence, LaplaceObjective, laplace_evidence, laplace_hypergradient
 
 OBJECTIVES = {
     cls.name: cls for cls in (LaplaceObjective, ElboObjective, CrossValidationObjective, HoldoutObjective)
@@ -22,4 +23,6 @@ __all__ = [
     "LaplaceObjective",
     "elbo_evidence",
     "laplace_evidence",
+    "laplace_hypergradient",
+    "Curvature",
 ]

@@ -277,6 +277,7 @@ def cv_log_predictive(
     vectorize_folds: bool = True,
     model_kwargs: dict | None = None,
     max_iter: int = 500,
+    hessian: str = "exact",
 ) -> CrossValidation:
     """
     k-fold cross-validated log predictive density of a Pyro model (seed, eq. (1)), at the
@@ -287,6 +288,9 @@ def cv_log_predictive(
     :param str predictive: ``"map"`` — plug-in density ``p(y_i | ŵ_q)``; ``"laplace"`` — the
         Laplace posterior predictive ``∫ p(y_i | w) N(w | ŵ_q, H_q⁻¹) dw``, by ``num_samples``
         draws (``H_q`` the Hessian of fold ``q``'s eq. (1) term).
+    :param str hessian: ``predictive="laplace"``: ``"exact"`` (draws through the model itself, dense ``H_q``) or a
+        curvature of :mod:`~pyro_evidence.objectives.curvature` (``"ggn"``, ``"diag"``, ``"kron"``): draws from
+        ``N(0, C_q⁻¹)`` pushed through the model linearised at ``ŵ_q`` (the GLM predictive), at any size.
     :param bool vectorize_folds: train the ``k`` folds as one vmapped optimisation (default) or
         one after another in a Python loop (the same result; for comparison).
     :rtype: CrossValidation
@@ -298,20 +302,23 @@ def cv_log_predictive(
     h = problem.h_init
     if vectorize_folds:
         m = objective.solve(h)
-        theta, hessian = m.theta.reshape(k, -1), m.hessian
+        theta, full = m.theta.reshape(k, -1), m.hessian
         blocks = None
-        if hessian is not None:
+        if full is not None:
             d = problem.theta_dim
-            blocks = torch.stack([hessian[q * d : (q + 1) * d, q * d : (q + 1) * d] for q in range(k)]) * k
+            blocks = torch.stack([full[q * d : (q + 1) * d, q * d : (q + 1) * d] for q in range(k)]) * k
     else:
         fits = [minimize(objective.fold_loss(q, h), problem.theta_init, max_iter=max_iter) for q in range(k)]
         theta = torch.stack([f.theta for f in fits])
         blocks = torch.stack([f.hessian for f in fits]) if all(f.hessian is not None for f in fits) else None
 
     _, rows = objective.fold_terms(theta.reshape(-1), h)
-    if predictive == "laplace":
+    if predictive == "laplace" and hessian != "exact":
+        rows = _linearised_rows(problem, objective, theta, h, hessian, num_samples, seed)
+    elif predictive == "laplace":
         if blocks is None:
-            raise ValueError("predictive='laplace' needs the dense Hessian of each fold (a small model)")
+            raise ValueError("predictive='laplace' with hessian='exact' needs the dense Hessian of each fold (a small "
+                             "model); pass hessian='ggn', 'kron' or 'diag' for a large one")
         rows = _laplace_rows(problem, theta, blocks, h, num_samples, seed)
     per_row = (objective.test * rows).sum(0)
     per_fold = (objective.test * rows).sum(-1)
@@ -321,6 +328,34 @@ def cv_log_predictive(
             params.setdefault(name, []).append(value.detach())
     params = {name: torch.stack(v) for name, v in params.items()}
     return CrossValidation(per_fold.sum().detach(), per_fold.detach(), objective.folds, params, theta, per_row.detach(), objective)
+
+
+def _linearised_rows(problem, objective, theta, h, hessian, num_samples, seed):
+    """``log (1/S) Σ_s p(y_i | η(ŵ_q) + J δ_s)``, ``δ_s ~ N(0, C_q⁻¹)`` with ``C_q`` fold ``q``'s curvature (its
+    training rows' likelihood weighted by ``k/(k−1)``, as in eq. (1)), for every fold and row."""
+    from pyro.poutine.messenger import Messenger
+
+    from .curvature import CurvatureModel
+
+    class _ScaleObserved(Messenger):
+        def _pyro_sample(self, msg):
+            if msg["is_observed"]:
+                msg["scale"] = msg["scale"] * objective.train_scale
+
+    def scaled(*args, **kwargs):
+        with _ScaleObserved():
+            return problem.model(*args, **kwargs)
+
+    out = []
+    for q in range(theta.shape[0]):
+        train = objective.train[q].bool()
+        fold = Problem(scaled, *[None if a is None else a[train] for a in problem.args], model_kwargs=problem.model_kwargs)
+        model = CurvatureModel(fold, hessian)
+        deltas = model.sample(model.curvature(theta[q], h), num_samples, seed)
+        full = CurvatureModel(problem, "ggn")
+        out.append(full.linearised_rows(theta[q], h, deltas))  # (S, N): every row, the test ones used
+    rows = torch.stack(out)
+    return torch.logsumexp(rows, dim=1) - math.log(num_samples)
 
 
 def _laplace_rows(problem, theta, blocks, h, num_samples, seed):

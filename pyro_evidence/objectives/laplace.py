@@ -29,25 +29,42 @@ import torch
 from ..hypergrad.linalg import cholesky, hessian_and_value, value_grad_hessian
 from ..problem import Problem
 from .base import Objective
+from .curvature import Curvature, CurvatureModel
 
-__all__ = ["LaplaceObjective", "LaplaceEvidence", "laplace_evidence", "gaussian_draws"]
+__all__ = ["LaplaceObjective", "LaplaceEvidence", "laplace_evidence", "laplace_hypergradient", "gaussian_draws"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
 class LaplaceObjective(Objective):
-    """``L = −log p(y, θ | h)``, ``Q`` = the Laplace log evidence at ``θ``.
+    """``L = −log p(y, θ | h)``, ``Q`` = the Laplace log evidence at ``θ`` with the curvature ``C`` of
+    :mod:`~pyro_evidence.objectives.curvature` in place of ``H``.
 
-    :param float jitter: added to the diagonal of ``H`` (reported, never silent).
+    :param float jitter: added to the diagonal of ``C`` (reported, never silent).
+    :param str hessian: the curvature: ``"exact"``, ``"ggn"``, ``"diag"`` or ``"kron"``.
+    :param str logdet: ``"dense"`` or ``"slq"`` (stochastic Lanczos quadrature, matrix-free).
+    :param int num_probes: SLQ probes; :param int lanczos_steps: SLQ Lanczos steps; :param int seed: SLQ probes' seed.
     """
 
     name = "laplace"
 
-    def __init__(self, problem: Problem, *, jitter: float = 0.0, **options):
+    def __init__(self, problem: Problem, *, jitter: float = 0.0, hessian: str = "exact", logdet: str = "dense",
+                 num_probes: int = 30, lanczos_steps: int = 40, seed: int = 0, **options):
         super().__init__(problem, **options)
         if jitter < 0:
             raise ValueError(f"jitter must be >= 0, got {jitter}")
         self.jitter = jitter
+        self.curvature = CurvatureModel(problem, hessian, logdet, jitter=jitter, num_probes=num_probes,
+                                        lanczos_steps=lanczos_steps, seed=seed)
+        if hessian != "exact" or logdet != "dense":
+            self.curvature.setup()  # refuses what the structure cannot handle before any fit
+
+    @property
+    def key(self) -> dict:
+        """What a saved run must match beyond the problem: the curvature (absent for the default, so runs
+        saved before the choice existed still match)."""
+        c = self.curvature
+        return {} if (c.structure, c.logdet) == ("exact", "dense") else {"hessian": c.structure, "logdet": c.logdet}
 
     def inner_loss(self, theta, h):
         return self.problem.loss(theta, h)
@@ -62,9 +79,18 @@ class LaplaceObjective(Objective):
         return -rows - prior / rows.shape[-1]
 
     def validation(self, theta, h):
-        H, loss = hessian_and_value(self.problem.loss, theta, h)
-        half_log_det = cholesky(H, self.jitter).diagonal().log().sum()
-        return -loss + 0.5 * theta.shape[-1] * _LOG_2PI - half_log_det
+        c = self.curvature
+        if c.structure == "exact" and c.logdet == "dense":  # the value comes with the Hessian
+            H, loss = hessian_and_value(self.problem.loss, theta, h)
+            half_log_det = cholesky(H, self.jitter).diagonal().log().sum()
+            return -loss + 0.5 * theta.shape[-1] * _LOG_2PI - half_log_det
+        return -self.problem.loss(theta, h) + 0.5 * theta.shape[-1] * _LOG_2PI - 0.5 * c.log_det(theta, h)
+
+    def validation_probes(self, theta, h):
+        """``logdet="slq"``: ``Q`` once per probe, ``(m,)`` — their mean is :meth:`validation`, and the spread of
+        any derivative of theirs is the Hutchinson estimator's."""
+        d = theta.shape[-1]
+        return -self.problem.loss(theta, h) + 0.5 * d * _LOG_2PI - 0.5 * self.curvature.probe_log_dets(theta, h)
 
 
 def gaussian_draws(mean, precision, num_samples: int, seed: int = 0):
@@ -83,13 +109,16 @@ class LaplaceEvidence:
 
     :ivar log_evidence: the Laplace approximation of ``log p(y | h)`` (0-dim tensor).
     :ivar map: constrained latent values at the mode, ``{site: tensor}``.
-    :ivar hessian: ``H``, the Hessian of ``−log p(y, θ | h)`` in unconstrained ``θ``
-        (jitter included).
-    :ivar log_det: ``log det H``.
+    :ivar hessian: the dense curvature ``C`` in unconstrained ``θ`` (jitter included): the Hessian of
+        ``−log p(y, θ | h)`` for ``hessian="exact"``, the GGN for ``"ggn"``; None for the structured and
+        matrix-free ones (see ``curvature``).
+    :ivar log_det: ``log det C`` (an estimate for ``logdet="slq"``).
     :ivar converged: whether the inner optimiser reached a stationary point.
     :ivar grad_norm: ``‖∇_θ L‖`` at the returned mode.
     :ivar theta: the mode in flat unconstrained coordinates.
     :ivar jitter: what was added to the diagonal of ``H``.
+    :ivar curvature: the :class:`~pyro_evidence.objectives.curvature.Curvature` (structure, factors, draws).
+    :ivar log_evidence_se: the standard error of ``log_evidence`` (``logdet="slq"``; 0 otherwise).
     """
 
     log_evidence: torch.Tensor
@@ -101,10 +130,25 @@ class LaplaceEvidence:
     theta: torch.Tensor
     jitter: float = 0.0
     problem: Problem | None = field(default=None, repr=False)
+    curvature: Curvature | None = field(default=None, repr=False)
+    log_evidence_se: float = 0.0
 
-    def posterior(self) -> dist.MultivariateNormal:
-        """The Laplace posterior ``N(θ̂, H⁻¹)`` over unconstrained ``θ``."""
-        return dist.MultivariateNormal(self.theta, precision_matrix=self.hessian)
+    def posterior(self):
+        """The Laplace posterior ``N(θ̂, C⁻¹)`` over unconstrained ``θ`` (dense or diagonal ``C``)."""
+        if self.hessian is not None:
+            return dist.MultivariateNormal(self.theta, precision_matrix=self.hessian)
+        if self.curvature is not None and self.curvature.structure == "diag":
+            return dist.Normal(self.theta, self.curvature.diagonal.rsqrt()).to_event(1)
+        raise ValueError(
+            f"the {self.curvature.structure!r} curvature has no torch distribution object; draw from it with "
+            "result.curvature.sample(n)"
+        )
+
+    def sample(self, num_samples: int, seed: int = 0) -> torch.Tensor:
+        """``num_samples`` draws ``θ ~ N(θ̂, C⁻¹)``, shape ``(S, d)``, in every structure."""
+        if self.hessian is not None:
+            return gaussian_draws(self.theta, self.hessian, num_samples, seed)
+        return self.theta + self.curvature.sample(num_samples, seed)
 
 
 def laplace_evidence(
@@ -115,14 +159,20 @@ def laplace_evidence(
     jitter: float = 0.0,
     max_iter: int = 500,
     tol: float | None = None,
+    hessian: str = "exact",
+    logdet: str = "dense",
+    num_probes: int = 30,
+    lanczos_steps: int = 40,
+    seed: int = 0,
+    init_loc_fn=None,
 ) -> LaplaceEvidence:
     """
     Laplace approximation of the log evidence ``log p(y | h)`` of a Pyro model, the
     hyperparameters ``h`` being its ``pyro.param`` values in the param store.
 
-    The mode is found by L-BFGS (strong-Wolfe line search) and polished by Newton steps with
-    the dense autograd Hessian until the gradient is at round-off level; ``log det H`` comes from
-    its Cholesky factor.
+    The mode is found by Newton steps with the dense autograd Hessian (up to 2,000 latents) and by
+    L-BFGS (strong-Wolfe line search) where Newton cannot start or the model is larger; ``log det C``
+    comes from the curvature asked for (see :mod:`pyro_evidence.objectives.curvature`).
 
     :param model: a Pyro model; its positional arguments are the data.
     :param args: the data (tensors sharing their first dimension); the computation follows their
@@ -132,14 +182,23 @@ def laplace_evidence(
     :param float jitter: add ``jitter·I`` to ``H`` when it is not positive definite.
     :param int max_iter: L-BFGS iterations at most.
     :param float tol: relative gradient-norm tolerance of the inner optimiser.
+    :param str hessian: the curvature ``C``: ``"exact"`` (the dense Hessian, any size memory allows), ``"ggn"``
+        (generalised Gauss–Newton ``JᵀΛJ`` plus the prior's Hessian: positive definite from any start), ``"diag"``
+        (its diagonal) or ``"kron"`` (Kronecker factors per linear layer, the diagonal elsewhere).
+    :param str logdet: ``"dense"`` (Cholesky) or ``"slq"`` (stochastic Lanczos quadrature on ``C``-vector
+        products, never forming ``C``; with ``num_probes`` probes, ``lanczos_steps`` steps, ``seed``).
+    :param callable init_loc_fn: Pyro's init strategy for the starting point (see
+        :class:`~pyro_evidence.problem.Problem`).
     :rtype: LaplaceEvidence
     """
-    problem = Problem(model, *args, model_kwargs=model_kwargs)
-    return _laplace_at(problem, problem.h_init, theta_init, jitter, max_iter, tol)
+    problem = Problem(model, *args, model_kwargs=model_kwargs, init_loc_fn=init_loc_fn)
+    objective = LaplaceObjective(problem, jitter=jitter, max_iter=max_iter, tol=tol, hessian=hessian, logdet=logdet,
+                                 num_probes=num_probes, lanczos_steps=lanczos_steps, seed=seed)
+    return _laplace_at(objective, problem.h_init, theta_init)
 
 
-def _laplace_at(problem, h, theta_init, jitter, max_iter, tol) -> LaplaceEvidence:
-    objective = LaplaceObjective(problem, jitter=jitter, max_iter=max_iter, tol=tol)
+def _laplace_at(objective, h, theta_init) -> LaplaceEvidence:
+    problem, jitter = objective.problem, objective.jitter
     if theta_init is not None:
         theta_init = torch.as_tensor(theta_init, dtype=problem.dtype, device=problem.device)
         if theta_init.shape != problem.theta_init.shape:
@@ -155,23 +214,86 @@ def _laplace_at(problem, h, theta_init, jitter, max_iter, tol) -> LaplaceEvidenc
             RuntimeWarning,
             stacklevel=3,
         )
-    theta, H = m.theta, m.hessian
-    if H is None:  # the inner solver works without a dense Hessian above newton_max_dim
-        _, _, H = value_grad_hessian(lambda t: problem.loss(t, h), theta)
-    if jitter:
-        H = H + jitter * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    factor = cholesky(H)
-    log_det = 2 * factor.diagonal().log().sum()
+    theta = m.theta
+    model = objective.curvature
+    if model.structure == "exact" and model.logdet == "dense":
+        H = m.hessian
+        if H is None:  # the inner solver works without a dense Hessian above newton_max_dim
+            _, _, H = value_grad_hessian(lambda t: problem.loss(t, h), theta)
+        if jitter:
+            H = H + jitter * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+        log_det = 2 * cholesky(H).diagonal().log().sum()
+        curvature = Curvature("exact", log_det, dense=H, model=model, theta=theta, h=h)
+    else:
+        with torch.no_grad():
+            curvature = model.curvature(theta, h)
     d = theta.numel()
-    log_evidence = -m.loss + 0.5 * d * _LOG_2PI - 0.5 * log_det
+    log_evidence = -m.loss + 0.5 * d * _LOG_2PI - 0.5 * curvature.log_det
     return LaplaceEvidence(
         log_evidence=log_evidence.detach(),
         map={k: v.detach() for k, v in problem.latent_values(theta, h).items()},
-        hessian=H.detach(),
-        log_det=log_det.detach(),
+        hessian=None if curvature.dense is None else curvature.dense.detach(),
+        log_det=curvature.log_det.detach(),
         converged=m.converged,
         grad_norm=m.grad_norm,
         theta=theta,
         jitter=jitter,
         problem=problem,
+        curvature=curvature,
+        log_evidence_se=0.5 * curvature.log_det_se,
     )
+
+
+def laplace_hypergradient(
+    model,
+    *args,
+    model_kwargs: dict | None = None,
+    hessian: str = "exact",
+    logdet: str = "dense",
+    method: str = "ift-exact",
+    jitter: float = 0.0,
+    num_probes: int = 30,
+    lanczos_steps: int = 40,
+    seed: int = 0,
+    max_iter: int = 500,
+    init_loc_fn=None,
+):
+    """
+    The total derivative ``d log p(y | h)/dh`` of the Laplace evidence in the curvature ``hessian`` at the
+    param store's hyperparameters (unconstrained ``h``), through the mode: ``∂Q/∂h − (∂²L/∂h∂θ)ᵀ H⁻¹ ∂Q/∂θ``
+    with ``∂Q/∂θ = −½ ∂ log det C/∂θ`` kept.
+
+    With ``logdet="slq"`` the result is Hutchinson's estimate and ``info["standard_error"]`` its standard
+    error over the probes (``info["per_probe"]``: the ``m`` single-probe hypergradients, each through its own
+    solve with ``H``).
+
+    :param str method: ``"ift-exact"`` (dense ``H``) or ``"ift-cg"``.
+    :returns: :class:`~pyro_evidence.hypergrad.implicit.Hypergradient`.
+    """
+    from ..hypergrad.implicit import IMPLICIT
+    from ..hypergrad.linalg import cg, dense_solve, hvp_operator, mixed_vjp
+
+    if method not in ("ift-exact", "ift-cg"):
+        raise ValueError(f"method must be 'ift-exact' or 'ift-cg', got {method!r}")
+    problem = Problem(model, *args, model_kwargs=model_kwargs, require_hyperparameters=True, init_loc_fn=init_loc_fn)
+    objective = LaplaceObjective(problem, jitter=jitter, max_iter=max_iter, hessian=hessian, logdet=logdet,
+                                 num_probes=num_probes, lanczos_steps=lanczos_steps, seed=seed)
+    h = problem.h_init
+    m = objective.solve(h)
+    opts = {"hessian": m.hessian} if method == "ift-exact" else {}
+    hg = IMPLICIT[method](objective.inner_loss, objective.validation, m.theta, h, **opts)
+    hg.info["converged_inner"] = m.converged
+    if logdet != "slq":
+        return hg
+    theta = m.theta
+    g_theta, g_h = torch.func.jacrev(objective.validation_probes, argnums=(0, 1))(theta, h)  # (m, d), (m, dh)
+    if method == "ift-exact":
+        H = m.hessian if m.hessian is not None else value_grad_hessian(lambda t: problem.loss(t, h), theta)[2]
+        V = torch.stack([dense_solve(H, g) for g in g_theta])
+    else:
+        op = hvp_operator(objective.inner_loss, theta, h)
+        V = torch.stack([cg(op, g, tol=1e-10).x for g in g_theta])
+    per_probe = torch.stack([gh - mixed_vjp(objective.inner_loss, theta, h, v) for gh, v in zip(g_h, V)])
+    hg.info["per_probe"] = per_probe
+    hg.info["standard_error"] = per_probe.std(0) / math.sqrt(per_probe.shape[0])
+    return hg

@@ -21,6 +21,7 @@ class Objective:
     """
 
     name: str = ""
+    newton_max_dim: int = 2000  # the inner solver forms dense Hessians (Newton) up to this many parameters
 
     def __init__(self, problem: Problem, *, max_iter: int = 500, tol: float | None = None):
         self.problem = problem
@@ -67,5 +68,6 @@ class Objective:
         theta0 = self.theta_init if theta0 is None else theta0
         h = h.detach()
         return minimize(
-            lambda theta: self.inner_loss(theta, h), theta0, max_iter=self.max_iter, tol=self.tol
+            lambda theta: self.inner_loss(theta, h), theta0, max_iter=self.max_iter, tol=self.tol,
+            newton_max_dim=self.newton_max_dim,
         )

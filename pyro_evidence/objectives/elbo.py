@@ -85,6 +85,9 @@ class ElboObjective(Objective):
     """
 
     name = "elbo"
+    # A dense Hessian of the particle-averaged ELBO costs 2d gradient passes per particle: above 100 guide
+    # parameters Newton's polish costs more than the whole first-order fit, so L-BFGS works alone.
+    newton_max_dim = 100
 
     def __init__(self, problem: Problem, *, num_particles: int = 64, seed: int = 0, init_scale: float = 0.1, **options):
         super().__init__(problem, **options)

@@ -1,0 +1,273 @@
+"""
+The Laplace evidence at the scale of real models.
+
+1. ``--mlp``: the MNIST sample's one-hidden-layer MLP (``mlp_classifier``, 3,000 training images) at 14 × 14 and
+   28 × 28 inputs with 5–300 hidden units (10³ … 2.4·10⁵ weights). One MAP per size (L-BFGS, shared by every
+   row), then for each curvature the wall time (median of ``--repeats``) and the peak memory (a fresh process per
+   row, its maximum resident set) of the evidence at that MAP, and of its partial derivatives ``∂Q/∂θ, ∂Q/∂h``
+   (what an implicit hypergradient adds to the evidence besides its ``H⁻¹`` solve). Beside each, laplace-torch
+   (if importable) at the same MAP, the same prior precisions and the same structure: its
+   ``fit`` + ``log_marginal_likelihood``, and the relative difference of the two evidences.
+2. ``--growth``: linear and logistic regression, ``N = 2,000``, ``d = 10 … 4,000``: ``laplace_evidence`` (exact
+   Hessian), one selection step (the inner solve and the ``ift-exact`` hypergradient) and ``elbo_evidence``, with
+   exponents fitted to ``d ≥ 100`` on a log-log scale.
+
+Usage: python benchmarks/bench_laplace_scale.py [--mlp] [--growth] [--repeats 3] [--output FILE]
+(laplace-torch: ``pip install --no-deps --target DIR laplace-torch==0.3 backpack-for-pytorch curvlinops-for-pytorch
+asdfghjkl einops einconv unfoldNd linear_operator torchmetrics lightning-utilities`` and ``PYTHONPATH=DIR``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import pyro
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import commit, emit, machine  # noqa: E402
+
+import pyro_evidence as pe  # noqa: E402
+from pyro_evidence.datasets import mnist  # noqa: E402
+from pyro_evidence.models.linear import linear_regression  # noqa: E402
+from pyro_evidence.models.logistic import logistic_regression  # noqa: E402
+from pyro_evidence.models.mlp import mlp_classifier  # noqa: E402
+from pyro_evidence.objectives.laplace import LaplaceObjective  # noqa: E402
+from pyro_evidence.optim import minimize  # noqa: E402
+from pyro_evidence.problem import Problem  # noqa: E402
+
+SIZES = [(2, 5), (2, 50), (2, 300), (1, 50), (1, 300)]  # (pool, hidden): 1,045 … 238,510 weights
+STRUCTURES = [("exact", "dense"), ("ggn", "dense"), ("diag", "dense"), ("kron", "dense"), ("ggn", "slq")]
+DENSE_LIMIT = 12_000  # dense d × d curvatures above this many weights are left out (memory and hours on a CPU)
+SLQ_LIMIT = 15_000  # on a CPU, SLQ's 30 probes × 40 Lanczos steps above this many weights take tens of minutes
+THEIR_DIAG_LIMIT = 2_000  # laplace-torch's diag (BackPACK's exact diagonal GGN): 39 s and 21 GB at 1,045 weights
+
+
+def _median(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def _problem(pool, hidden, dtype, device):
+    X, y = mnist(pool=pool, dtype=dtype, device=device)["train"]
+    pyro.clear_param_store()
+    kwargs = {"hidden": hidden, "classes": 10}
+    return Problem(mlp_classifier, X, y, model_kwargs=kwargs, init_loc_fn=_init), X, y, kwargs
+
+
+def _init(site):
+    g = torch.Generator().manual_seed(hash(site["name"]) % 2**31)
+    return 0.05 * torch.randn(site["fn"].shape(), generator=g, dtype=torch.float64).to(site["fn"].mean)
+
+
+def fit_map(pool, hidden, path, dtype, device, max_iter):
+    problem, *_ = _problem(pool, hidden, dtype, device)
+    h = problem.h_init
+    start = time.perf_counter()
+    m = minimize(lambda t: problem.loss(t, h), problem.theta_init, max_iter=max_iter, newton_max_dim=0)
+    torch.save({"theta": m.theta.cpu(), "seconds": time.perf_counter() - start, "grad_norm": m.grad_norm}, path)
+
+
+def one_row(pool, hidden, structure, logdet, library, path, repeats, dtype, device):
+    """Runs in a fresh process: the evidence (and its partials) at the saved MAP; prints JSON."""
+    problem, X, y, kwargs = _problem(pool, hidden, dtype, device)
+    theta = torch.load(path)["theta"].to(dtype=dtype, device=device)
+    h = problem.h_init
+    out = {"d": problem.theta_dim}
+    if library == "pyro-evidence":
+        obj = LaplaceObjective(problem, hessian=structure, logdet=logdet)
+        sec, value = _median(lambda: obj.validation(theta, h).detach(), repeats)
+        out.update(seconds=sec, value=float(value))
+        grad = torch.func.grad(obj.validation, argnums=(0, 1))
+        sec, _ = _median(lambda: grad(theta, h), repeats)
+        out["grad_seconds"] = sec
+    else:
+        out.update(_laplace_torch(problem, X, y, kwargs, theta, h, structure, repeats))
+    out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("ROW " + json.dumps(out))
+
+
+def _laplace_torch(problem, X, y, kwargs, theta, h, structure, repeats):
+    from laplace import Laplace
+
+    values = problem.latent_values(theta, h)
+    alpha = problem.params(h)
+    d_in, hidden = values["w1"].shape
+    net = torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10)).to(X)
+    with torch.no_grad():
+        net[0].weight.copy_(values["w1"].T)
+        net[0].bias.copy_(values["b1"])
+        net[2].weight.copy_(values["w2"].T)
+        net[2].bias.copy_(values["b2"])
+    a1, a2 = float(alpha["prior_precision_1"]), float(alpha["prior_precision_2"])
+    prior = torch.tensor([a1, a1, a2, a2], dtype=X.dtype, device=X.device)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=len(y))
+
+    def run():
+        kind = "full" if structure == "ggn" else structure
+        la = Laplace(net, "classification", subset_of_weights="all", hessian_structure=kind, prior_precision=prior)
+        la.fit(loader, progress_bar=False) if "progress_bar" in la.fit.__code__.co_varnames else la.fit(loader)
+        return la.log_marginal_likelihood().detach()
+
+    sec, value = _median(run, repeats)
+    return {"seconds": sec, "value": float(value)}
+
+
+def mlp_table(args, lines):
+    dtype, device = torch.float64, torch.device(args.device)
+    try:
+        import laplace  # noqa: F401
+
+        libraries = ["pyro-evidence", "laplace-torch"]
+    except ImportError:
+        libraries = ["pyro-evidence"]
+    lines += [
+        "### The MNIST MLP: evidence at one MAP per size",
+        "",
+        f"`python benchmarks/bench_laplace_scale.py --mlp --repeats {args.repeats}` · commit `{commit()}` · "
+        f"{machine(device)} · float64, 3,000 training images · median of {args.repeats} · peak = the row's process' "
+        "maximum resident set (the data and the library included) · ∂Q = the partials `∂Q/∂θ, ∂Q/∂h` of the evidence · "
+        f"left out: dense curvatures above {DENSE_LIMIT:,} weights, SLQ above {SLQ_LIMIT:,} on a CPU, laplace-torch's "
+        f"diag above {THEIR_DIAG_LIMIT:,} · rel. difference: against laplace-torch's log marginal likelihood",
+        "",
+        "| inputs × hidden | weights | structure | pyro-evidence s | ∂Q s | peak MB | laplace-torch s | peak MB | "
+        "log evidence | rel. difference |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    tmp = tempfile.mkdtemp()
+    for pool, hidden in SIZES:
+        path = os.path.join(tmp, f"map-{pool}-{hidden}.pt")
+        fit_map(pool, hidden, path, dtype, device, args.map_iter)
+        inputs = (28 // pool) ** 2
+        for structure, logdet in STRUCTURES:
+            rows = {}
+            for library in libraries:
+                if library == "laplace-torch" and (logdet == "slq" or structure == "exact"):
+                    continue
+                cmd = [sys.executable, __file__, "--one", str(pool), str(hidden), structure, logdet, library, path,
+                       "--repeats", str(args.repeats), "--device", args.device]
+                d = inputs * hidden + hidden + hidden * 10 + 10
+                if structure in ("exact", "ggn") and logdet == "dense" and d > DENSE_LIMIT:
+                    continue
+                if logdet == "slq" and d > SLQ_LIMIT and args.device == "cpu":
+                    continue
+                if library == "laplace-torch" and structure == "diag" and d > THEIR_DIAG_LIMIT:
+                    continue
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                line = [ln for ln in res.stdout.splitlines() if ln.startswith("ROW ")]
+                if not line:
+                    rows[library] = {"error": (res.stderr.strip().splitlines() or ["?"])[-1][:80]}
+                    continue
+                rows[library] = json.loads(line[0][4:])
+            ours, theirs = rows.get("pyro-evidence"), rows.get("laplace-torch")
+            if not ours:
+                continue
+            name = structure if logdet == "dense" else f"{structure} + slq"
+            t = f"{theirs['seconds']:.3g} | {theirs['peak_mb']:.0f}" if theirs and "seconds" in theirs else (
+                f"{theirs['error']} |" if theirs else "— | —")
+            diff = f"{abs(ours['value'] - theirs['value']) / abs(theirs['value']):.1e}" if theirs and "value" in theirs else "—"
+            if "error" in ours:
+                lines.append(f"| {inputs} × {hidden} | {d:,} | {name} | {ours['error']} | | | {t} | | {diff} |")
+                continue
+            lines.append(
+                f"| {inputs} × {hidden} | {ours['d']:,} | {name} | {ours['seconds']:.3g} | {ours['grad_seconds']:.3g} | "
+                f"{ours['peak_mb']:.0f} | {t} | {ours['value']:.2f} | {diff} |"
+            )
+            print(lines[-1], flush=True)
+    lines.append("")
+
+
+def _fit_exponent(ds, ts):
+    pts = [(math.log(d), math.log(t)) for d, t in zip(ds, ts) if d >= 100 and t > 0]
+    if len(pts) < 2:
+        return float("nan")
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+
+
+def growth_table(args, lines):
+    device = torch.device(args.device)
+    dims = [10, 30, 100, 300, 1000, 2000, 4000]
+    lines += [
+        "### Growth with d (N = 2,000)",
+        "",
+        f"`python benchmarks/bench_laplace_scale.py --growth --repeats {args.repeats}` · commit `{commit()}` · "
+        f"{machine(device)} · float64 · median of {args.repeats} (1 above d = 1,000) · the ELBO up to d = {args.elbo_max}",
+        "",
+        "| model | d | laplace_evidence s | one selection step s | elbo_evidence s | ELBO / Laplace |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, model in (("linear", linear_regression), ("logistic", logistic_regression)):
+        rec = {"lap": [], "step": [], "elbo": [], "d": [], "delbo": []}
+        for d in dims:
+            g = torch.Generator().manual_seed(d)
+            X = torch.randn(2000, d, generator=g, dtype=torch.float64).to(device) / math.sqrt(d)
+            w = torch.randn(d, generator=g, dtype=torch.float64).to(device)
+            y = X @ w + 0.3 * torch.randn(2000, generator=g, dtype=torch.float64).to(device)
+            if name == "logistic":
+                y = (y > 0).double()
+            reps = args.repeats if d <= 1000 else 1
+            pyro.clear_param_store()
+            lap, _ = _median(lambda: pe.laplace_evidence(model, X, y), reps)
+            step, _ = _median(lambda: pe.laplace_hypergradient(model, X, y), reps)
+            elbo = float("nan")
+            if d <= args.elbo_max:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    elbo, _ = _median(lambda: pe.elbo_evidence(model, X, y), reps)
+                rec["elbo"].append(elbo)
+                rec["delbo"].append(d)
+            rec["lap"].append(lap)
+            rec["step"].append(step)
+            rec["d"].append(d)
+            ratio = f"{elbo / lap:.2g}" if math.isfinite(elbo) else "—"
+            e = f"{elbo:.3g}" if math.isfinite(elbo) else "—"
+            lines.append(f"| {name} | {d:,} | {lap:.3g} | {step:.3g} | {e} | {ratio} |")
+            print(lines[-1], flush=True)
+        lines.append(
+            f"| {name}: fitted exponent (d ≥ 100) | | {_fit_exponent(rec['d'], rec['lap']):.2f} | "
+            f"{_fit_exponent(rec['d'], rec['step']):.2f} | {_fit_exponent(rec['delbo'], rec['elbo']):.2f} | |"
+        )
+    lines.append("")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--mlp", action="store_true")
+    p.add_argument("--growth", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--map-iter", type=int, default=300, help="L-BFGS iterations of each MAP")
+    p.add_argument("--elbo-max", type=int, default=1000)
+    p.add_argument("--output")
+    p.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        pool, hidden, structure, logdet, library, path = args.one
+        return one_row(int(pool), int(hidden), structure, logdet, library, path, args.repeats, torch.float64,
+                       torch.device(args.device))
+    lines = []
+    if args.mlp:
+        mlp_table(args, lines)
+    if args.growth:
+        growth_table(args, lines)
+    emit(lines, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     e = sub.add_parser("experiment", help="the seed's experiments: the synthetic polynomial design or MNIST")
     e.add_argument("name", choices=["synthetic", "mnist"], help="which experiment")
-    e.add_argument("--objective", choices=["cv", "elbo"], action="append", help="validation function (both by default)")
+    e.add_argument("--objective", choices=["cv", "elbo", "laplace"], action="append",
+                   help="validation function (cv and elbo by default; laplace: the evidence with K-FAC curvature, mnist)")
     e.add_argument("--methods", nargs="+", default=None, help="methods (synthetic: all eight; mnist: random greedy drmad hoag ift-cg)")
     e.add_argument("--runs", type=int, default=5, help="runs per method and validation function (5)")
     e.add_argument("--iterations", type=int, default=None, help="hyperparameter iterations (synthetic 50, mnist 25)")

@@ -11,7 +11,8 @@ Protocol (deviations are listed in :data:`DEVIATIONS` and written into every res
   test data drawn the same way. MNIST: the real 5,000-image sample (3,000 / 1,000 / 1,000
   train / validation / test, :func:`~pyro_evidence.datasets.mnist`); an MLP with 300 tanh hidden
   units and one prior precision per layer.
-- Validation functions: 4-fold CV (seed eq. (1)) and the ELBO of a diagonal Gaussian posterior.
+- Validation functions: 4-fold CV (seed eq. (1)) and the ELBO of a diagonal Gaussian posterior; on MNIST
+  also the Laplace evidence (Kronecker-factored GGN curvature).
 - Methods: random search, greedy, DrMAD, HOAG, ``ift-neumann``, ``ift-cg``, ``rmad``, ``truncated``.
 - Budget: l = 50 hyperparameter iterations (synthetic), 25 (MNIST), random search as many trials;
   initial ``log α ~ U(−2, 10)`` (synthetic), ``U(−4, 10)`` (MNIST); hyper learning rate from
@@ -87,6 +88,10 @@ DEVIATIONS = {
         "ahead (the DrMAD step): its default, 1/λ_max of the inner Hessian, does not exist where the network's "
         "Hessian has no positive curvature.",
         "The ELBO uses 4 antithetic whitened particles (the sample-average estimate), not the synthetic design's 64.",
+        "The Laplace evidence (a third validation function beside the seed's two) uses the Kronecker-factored GGN "
+        "(`hessian=\"kron\"`, per layer; the biases in the layers' homogeneous coordinates): the exact Hessian "
+        "of 62,110 or 238,510 weights is out of reach, and away from the inner optimum it is indefinite where the "
+        "GGN is not. Its hypergradient keeps the log-determinant's dependence on θ.",
         "Float32 throughout (float64 would double the time and the tests check the methods in float64).",
         "RMAD, truncated and ift-neumann are left out of the MNIST table (`--methods` adds them); it compares random "
         "search, greedy, DrMAD, HOAG and ift-cg.",
@@ -151,6 +156,7 @@ class Setup:
     greedy: dict = field(default_factory=dict)
     objective_options: dict = field(default_factory=dict)
     init_loc_fn: object = None
+    hessian: str = "exact"  # the curvature of the Laplace evidence
 
     def start(self, seed):
         """Writes the run's initial hyperparameters, ``log α ~ U(init)``, to the param store."""
@@ -173,6 +179,7 @@ class Setup:
             objective=objective, hyperparameters=list(self.hyperparameters), progress=False, max_steps=iterations,
             model_kwargs=self.model_kwargs, inner_max_iter=self.inner_max_iter,
             objective_options=self.objective_options.get(objective), init_loc_fn=self.init_loc_fn,
+            hessian=self.hessian if objective == "laplace" else "exact",
         )
         if method == "random":
             bounds = {name: (math.exp(self.init[0]), math.exp(self.init[1])) for name in self.hyperparameters}
@@ -261,7 +268,7 @@ class Mnist(Setup):
             cg={"max_iter": 20, "tol": 1e-3, "damping": 1.0},
             greedy={"lr": 1e-4},
             objective_options={"cv": {"k": 4, "stratify": y.cpu()}, "elbo": {"num_particles": 4}},
-            init_loc_fn=init_to_uniform(radius=0.05),
+            init_loc_fn=init_to_uniform(radius=0.05), hessian="kron",
         )
         self.map_iterations = 5 if fast else self.MAP_ITERATIONS
         self.pool = pool

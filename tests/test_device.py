@@ -110,3 +110,29 @@ def test_a_resumed_checkpoint_restores_the_runs_dtype_and_device(device, tmp_pat
     assert on(device, [again.theta, again.h, again.objective]) and again.theta.dtype == torch.float64
     assert_close(again.theta, first.theta, rtol=0)
     assert_close(again.h, first.h, rtol=0)
+
+
+@pytest.mark.parametrize("hessian, logdet", [("ggn", "dense"), ("diag", "dense"), ("kron", "dense"), ("ggn", "slq")])
+def test_curvatures_follow_the_device_and_match_cpu(device, hessian, logdet):
+    from pyro_evidence import laplace_hypergradient
+    from pyro_evidence.models import mlp_classifier
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    w1 = 0.5 * torch.randn(5, 4, generator=g, dtype=torch.float64)
+    kwargs = {"hidden": 4, "classes": 3}
+
+    def init(site):
+        return (w1 if site["name"] == "w1" else site["fn"].mean).to(site["fn"].mean)
+
+    results = []
+    for dev in (device, torch.device("cpu")):
+        pyro.clear_param_store()
+        r = laplace_evidence(mlp_classifier, X.to(dev), y.to(dev), model_kwargs=kwargs, hessian=hessian, logdet=logdet,
+                             init_loc_fn=init)
+        hg = laplace_hypergradient(mlp_classifier, X.to(dev), y.to(dev), model_kwargs=kwargs, hessian=hessian,
+                                   logdet=logdet, init_loc_fn=init)
+        assert on(dev, [r.log_evidence, r.theta, r.sample(3), hg.grad])
+        results.append((r.log_evidence, hg.grad))
+    assert_close(results[0][0], results[1][0], rtol=1e-8)
+    assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-8)

@@ -56,8 +56,7 @@ class LaplaceObjective(Objective):
         self.jitter = jitter
         self.curvature = CurvatureModel(problem, hessian, logdet, jitter=jitter, num_probes=num_probes,
                                         lanczos_steps=lanczos_steps, seed=seed)
-        if hessian != "exact" or logdet != "dense":
-            self.curvature.setup()  # refuses what the structure cannot handle before any fit
+        self.curvature.setup()  # refuses what the structure cannot handle before any fit
 
     @property
     def key(self) -> dict:

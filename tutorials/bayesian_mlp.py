@@ -1,0 +1,246 @@
+"""
+Tutorial: per-layer prior precisions of a Bayesian MLP chosen by the Laplace evidence in each curvature
+(exact Hessian, GGN, Kronecker factors, diagonal, stochastic Lanczos quadrature), against cross-validation
+and the ELBO, on the real MNIST sample.
+
+Run from the repository root:
+
+    python tutorials/bayesian_mlp.py          # a few minutes on 2 CPU cores
+
+It writes ``tutorials/bayesian_mlp.md`` (this tutorial, with every number from the run) and its figures under
+``tutorials/figures/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pyro  # noqa: E402
+import torch  # noqa: E402
+from torch.distributions import constraints  # noqa: E402
+
+import pyro_evidence as pe  # noqa: E402
+from pyro_evidence.datasets import mnist  # noqa: E402
+from pyro_evidence.models import mlp_classifier  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIGURES = os.path.join(HERE, "figures")
+POOL, HIDDEN = 4, 10  # 7 × 7 inputs, 10 hidden units: 610 weights, small enough for the exact Hessian
+KWARGS = {"hidden": HIDDEN, "classes": 10}
+STRUCTURES = [("exact", "dense"), ("ggn", "dense"), ("kron", "dense"), ("diag", "dense"), ("ggn", "slq")]
+
+
+def label(structure, logdet):
+    return structure if logdet == "dense" else f"{structure} + slq"
+
+
+def init(site):
+    """A fixed small random start (all-zero weights are a saddle of the MLP)."""
+    g = torch.Generator().manual_seed(sum(map(ord, site["name"])))
+    return 0.05 * torch.randn(site["fn"].shape(), generator=g, dtype=torch.float64).to(site["fn"].mean)
+
+
+def set_precisions(a1, a2):
+    pyro.clear_param_store()
+    pyro.param("prior_precision_1", torch.tensor(float(a1), dtype=torch.float64), constraint=constraints.positive)
+    pyro.param("prior_precision_2", torch.tensor(float(a2), dtype=torch.float64), constraint=constraints.positive)
+
+
+def evidence(X, y, a1, a2, structure="exact", logdet="dense", theta=None):
+    set_precisions(a1, a2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an unconverged mode is reported in the result
+        return pe.laplace_evidence(mlp_classifier, X, y, model_kwargs=KWARGS, hessian=structure, logdet=logdet,
+                                   theta_init=theta, init_loc_fn=init, max_iter=1000)
+
+
+def accuracy(r, X_test, y_test):
+    problem = r.problem
+    logits = problem.trace(r.theta, problem.h_init, args=(X_test, y_test))[0].nodes["logits"]["value"]
+    return float((logits.argmax(-1) == y_test).double().mean())
+
+
+def structures_part(X, y, out):
+    grid = [10 ** (k / 2) for k in range(-2, 7)]  # α₁ from 0.1 to 1000, α₂ = 10
+    rows = {label(*s): [] for s in STRUCTURES}
+    timing = {label(*s): [] for s in STRUCTURES}
+    theta = None
+    for a1 in grid:
+        ref = evidence(X, y, a1, HIDDEN, theta=theta)
+        theta = ref.theta
+        for structure, logdet in STRUCTURES:
+            t = time.perf_counter()
+            r = ref if structure == "exact" else evidence(X, y, a1, HIDDEN, structure, logdet, theta)
+            timing[label(structure, logdet)].append(time.perf_counter() - t)
+            rows[label(structure, logdet)].append((float(r.log_evidence), 2 * r.log_evidence_se))
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, values in rows.items():
+        v = [a for a, _ in values]
+        e = [b for _, b in values]
+        ax.errorbar(grid, v, yerr=e if any(e) else None, marker="o", ms=3, capsize=2, label=name,
+                    lw=2.5 if name == "exact" else 1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("prior precision α₁ of the first layer (α₂ = 10)")
+    ax.set_ylabel("Laplace log evidence")
+    ax.set_title(f"MNIST sample, {7 * 7}-{HIDDEN}-10 MLP: the evidence in each curvature")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(FIGURES, "bmlp_structures.png"), dpi=110)
+    plt.close(fig)
+
+    exact = [a for a, _ in rows["exact"]]
+    out += [
+        "## 1. The evidence in each curvature, against the exact one",
+        "",
+        "At each of nine first-layer precisions α₁ (α₂ = 10) the MAP is found once (`laplace_evidence`, exact "
+        "Hessian) and the evidence is evaluated at it in every curvature. The GGN drops the second derivative of the "
+        "network (its curvature in the weights), so it differs from the exact evidence by what that term contributes "
+        "at the mode; K-FAC and the diagonal drop correlations on top of it; SLQ estimates the GGN's log-determinant "
+        "without forming it (error bars: ±2 standard errors, 30 probes, 40 Lanczos steps).",
+        "",
+        "![the evidence in each curvature](figures/bmlp_structures.png)",
+        "",
+        "| α₁ | " + " | ".join(rows) + " |",
+        "|---:|" + "---:|" * len(rows),
+    ]
+    for i, a1 in enumerate(grid):
+        cells = []
+        for name, values in rows.items():
+            v, e = values[i]
+            cells.append(f"{v:.2f}" if name == "exact" else f"{v - exact[i]:+.2f}" + (f" ± {e:.2f}" if e else ""))
+        out.append(f"| {a1:g} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "(exact: the log evidence; the other columns: their difference from it, in nats.) Median seconds per "
+        "evaluation at the MAP (the exact one includes its mode search): "
+        + ", ".join(f"{k} {sorted(v)[len(v) // 2]:.2f} s" for k, v in timing.items())
+        + ".",
+        "",
+    ]
+
+
+def selection_part(X, y, X_test, y_test, out):
+    criteria = [(f"Laplace, {label(s, l)}", dict(objective="laplace", hessian=s, method="ift-exact",
+                                                  objective_options={"logdet": l} if l != "dense" else None))
+                for s, l in STRUCTURES]
+    criteria += [
+        ("4-fold CV", dict(objective="cv", method="ift-cg", objective_options={"k": 4, "stratify": y})),
+        ("ELBO", dict(objective="elbo", method="ift-cg", objective_options={"num_particles": 16})),
+    ]
+    results = []
+    for name, options in criteria:
+        set_precisions(49.0, HIDDEN)
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sel = pe.select_hyperparameters(mlp_classifier, X, y, model_kwargs=KWARGS, max_steps=30, progress=False,
+                                            init_loc_fn=init, inner_max_iter=1000, **options)
+        seconds = time.perf_counter() - t
+        a1, a2 = (float(sel.hyperparameters[f"prior_precision_{i}"]) for i in (1, 2))
+        ref = evidence(X, y, a1, a2)
+        results.append((name, a1, a2, float(sel.objective), float(ref.log_evidence), accuracy(ref, X_test, y_test),
+                        seconds, len(sel.history)))
+
+    grid = [10 ** (k / 2) for k in range(-2, 7)]
+    Z = torch.zeros(len(grid), len(grid), dtype=torch.float64)
+    theta = None
+    for i, a2 in enumerate(grid):
+        for j, a1 in enumerate(grid):
+            r = evidence(X, y, a1, a2, theta=theta)
+            theta = r.theta
+            Z[i, j] = float(r.log_evidence)
+    fig, ax = plt.subplots(figsize=(6.4, 5))
+    top = float(Z.max())
+    cs = ax.contourf(grid, grid, Z.clamp(min=top - 300), levels=20, cmap="viridis")
+    fig.colorbar(cs, ax=ax, label="exact Laplace log evidence (clipped 300 below the top)")
+    for (name, a1, a2, *_), marker in zip(results, "osD^vPX"):
+        ax.plot(a1, a2, marker, ms=8, mec="white", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("α₁")
+    ax.set_ylabel("α₂")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("selected per-layer precisions on the exact evidence")
+    fig.tight_layout()
+    fig.savefig(os.path.join(FIGURES, "bmlp_selection.png"), dpi=110)
+    plt.close(fig)
+
+    out += [
+        "## 2. Selecting both precisions",
+        "",
+        "Each criterion selects (α₁, α₂) from the same start (49, 10) with `select_hyperparameters` (L-BFGS on "
+        "log α, at most 30 outer steps; the Laplace curvatures by `ift-exact`, whose hypergradient keeps "
+        "`∂ log det C / ∂θ`; CV and the ELBO by `ift-cg`). Every selection is then judged by the same referee: the "
+        "exact Laplace evidence at the selected precisions (its MAP refitted) and the test accuracy of that MAP on "
+        "the 1,000 test images.",
+        "",
+        "![selected precisions on the evidence surface](figures/bmlp_selection.png)",
+        "",
+        "| criterion | α₁ | α₂ | its own objective | exact log evidence there | test accuracy | seconds | outer steps |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, a1, a2, q, ev, acc, seconds, steps in results:
+        out.append(f"| {name} | {a1:.3g} | {a2:.3g} | {q:.2f} | {ev:.2f} | {acc:.3f} | {seconds:.1f} | {steps} |")
+    best = max(results, key=lambda r: r[4])
+    out += [
+        "",
+        f"The highest exact evidence is reached by {best[0]} ({best[4]:.2f}); the approximate curvatures land where "
+        "their own evidence peaks, and the table says how far that is from the exact optimum, in nats of the exact "
+        "evidence and in test accuracy.",
+        "",
+    ]
+
+
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.splitlines()[1]).parse_args(argv)
+    os.makedirs(FIGURES, exist_ok=True)
+    data = mnist(pool=POOL, dtype=torch.float64)
+    (X, y), (X_test, y_test) = data["train"], data["test"]
+    start = time.perf_counter()
+    out = [
+        "# A Bayesian MLP: per-layer prior precisions by the Laplace evidence in every curvature",
+        "",
+        f"Rendered by `python tutorials/bayesian_mlp.py` on {time.strftime('%Y-%m-%d')} (torch {torch.__version__}, "
+        f"{os.cpu_count()} CPU cores); every number below comes from that run.",
+        "",
+        "Model: `mlp_classifier(hidden=10)` — `logits = tanh(X W₁ + b₁) W₂ + b₂`, `W₁, b₁ ~ N(0, α₁⁻¹)`, "
+        "`W₂, b₂ ~ N(0, α₂⁻¹)` — on the real MNIST sample average-pooled to 7 × 7 pixels (3,000 training and "
+        f"1,000 test images): {49 * HIDDEN + HIDDEN + HIDDEN * 10 + 10} weights, few enough that the exact Hessian "
+        "is the reference. The curvature `C` of the Laplace evidence "
+        "`log p(y | α) ≈ log p(y, θ̂ | α) + d/2 log 2π − ½ log det C` is chosen with `hessian=`:",
+        "",
+        "- `\"exact\"` — the Hessian of the negative log joint (dense, `d` Hessian-vector products);",
+        "- `\"ggn\"` — `JᵀΛJ` plus the prior's Hessian, `J` the Jacobian of the logits and `Λ = diag(p) − ppᵀ` per "
+        "image: positive definite at every θ;",
+        "- `\"kron\"` — per layer `A ⊗ B + αI`, `A` the second moment of the layer's inputs (a 1 appended for the "
+        "bias) and `B` that of its output gradients (K-FAC);",
+        "- `\"diag\"` — the GGN's diagonal;",
+        "- `\"ggn\"` with `logdet=\"slq\"` — stochastic Lanczos quadrature on GGN-vector products, never forming `C`.",
+        "",
+    ]
+    structures_part(X, y, out)
+    selection_part(X, y, X_test, y_test, out)
+    out += [
+        "## 3. At scale",
+        "",
+        "The exact Hessian stops being an option in the thousands of weights; `benchmarks/results/laplace_scale.md` "
+        "measures every curvature on the MNIST MLP from 10³ to 2.4·10⁵ weights against laplace-torch.",
+        "",
+        f"Total run time: {time.perf_counter() - start:.0f} s.",
+    ]
+    with open(os.path.join(HERE, "bayesian_mlp.md"), "w") as f:
+        f.write("\n".join(out) + "\n")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -37,7 +37,7 @@ def laplace_rows(result, draws):
     with torch.no_grad():
         if result.curvature is None or result.curvature.structure == "exact":
             return vmap(lambda t: problem.terms(t, h)[1])(draws)
-        return result.curvature.model.linearised_rows(result.theta, h, draws - result.theta)
+        return result.curvature.source.linearised_rows(result.theta, h, draws - result.theta)
 
 
 def _arviz():

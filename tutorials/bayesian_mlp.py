@@ -14,7 +14,6 @@ It writes ``tutorials/bayesian_mlp.md`` (this tutorial, with every number from t
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 import warnings

@@ -28,16 +28,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(os.path.dirname(HERE), "benchmarks", "results")
+# Rows made by separate commands join their experiment's tables: MNIST's Laplace-evidence runs came later.
+SOURCES = {"synthetic": [""], "mnist": ["", "mnist_laplace"]}
 NOISE = [("noise_000", 0.0), ("noise_010", 0.1), ("noise_025", 0.25), ("noise_050", 0.5)]
 
 
+def _sources(directory, experiment):
+    paths = [os.path.join(directory, sub) for sub in SOURCES.get(experiment, [""])]
+    return [p for p in paths if os.path.exists(os.path.join(p, f"{experiment}.csv"))]
+
+
 def load(directory, experiment):
-    with open(os.path.join(directory, f"{experiment}.csv")) as f:
-        runs = list(csv.DictReader(f))
-    per_run = defaultdict(list)
-    with open(os.path.join(directory, f"{experiment}_trajectories.csv")) as f:
-        for row in csv.DictReader(f):
-            per_run[(row["objective"], row["method"], row["seed"])].append((int(row["iteration"]), float(row["Q"])))
+    runs, per_run = [], defaultdict(list)
+    for source in _sources(directory, experiment):
+        with open(os.path.join(source, f"{experiment}.csv")) as f:
+            runs += list(csv.DictReader(f))
+        with open(os.path.join(source, f"{experiment}_trajectories.csv")) as f:
+            for row in csv.DictReader(f):
+                per_run[(row["objective"], row["method"], row["seed"])].append((int(row["iteration"]), float(row["Q"])))
     # each run's best Q so far, then the mean over runs at every iteration
     curves = defaultdict(lambda: defaultdict(list))
     for (objective, method, _), points in per_run.items():
@@ -56,15 +64,19 @@ INTRO = {
     "mnist": "A Bayesian MLP with 300 tanh hidden units on the real MNIST sample (3,000 training images, 1,000 test "
     "images), one prior precision per layer: 2 hyperparameters. The inner fit is a neural network's, non-convex and "
     "never run to its optimum: each hyperparameter iteration continues it for a fixed budget. E is the test accuracy "
-    "(higher is better).",
+    "(higher is better). Beside the seed's two validation functions, the Laplace evidence with Kronecker-factored "
+    "GGN curvature (`laplace`, a later command, listed second below).",
 }
 
 
 def provenance(directory, experiment):
-    """The command and commit lines of the results table."""
+    """The command and commit lines of each results table the experiment's rows come from."""
     keep = ("Command:", "Commit:", "Machine:")
-    with open(os.path.join(directory, f"{experiment}.md")) as f:
-        return [line.rstrip() for line in f if line.startswith(keep)]
+    lines = []
+    for source in _sources(directory, experiment):
+        with open(os.path.join(source, f"{experiment}.md")) as f:
+            lines += [line.rstrip() for line in f if line.startswith(keep)] + [""]
+    return lines[:-1]
 
 
 def mean(rows, key):
@@ -124,7 +136,9 @@ def render(experiment, directory, figures, out):
     noise_png = panels(objectives, noise_curves, os.path.join(figures, f"{experiment}_noise.png"))
 
     out += [f"## {experiment}", "", INTRO[experiment], "", *provenance(directory, experiment), "",
-            f"The full table, with standard deviations and the deviations from the protocol: `benchmarks/results/{experiment}.md`.", ""]
+            "The full tables, with standard deviations and the deviations from the protocol: "
+            + ", ".join(f"`{os.path.relpath(os.path.join(s, experiment + '.md'), os.path.dirname(HERE))}`"
+                        for s in _sources(directory, experiment)) + ".", ""]
     out += [f"![best Q against iteration](figures/{q_png})", "", f"![test error against noise](figures/{noise_png})", ""]
     out += [
         f"| validation | method | iterations run | best Q | iterations to 99 % | test {metric} | {metric}, w + N(0, 0.5²) | {metric} at σ = 0.5 noise | seconds per run |",

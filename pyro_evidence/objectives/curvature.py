@@ -65,7 +65,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..hypergrad.linalg import NotPositiveDefiniteError, cholesky, hessian_and_value
 
-__all__ = ["STRUCTURES", "LOGDETS", "Curvature", "CurvatureModel", "KronBlock", "slq_logdet"]
+__all__ = ["STRUCTURES", "LOGDETS", "Curvature", "LaplaceCurvature", "KronBlock", "slq_logdet"]
 
 STRUCTURES = ("exact", "ggn", "diag", "kron")
 LOGDETS = ("dense", "slq")
@@ -189,11 +189,10 @@ class _Watch(Messenger, TorchFunctionMode):
     """Runs with the model: learns the latent values (by identity), records each linear layer's input and
     adds a probe (zeros whose gradient is the output's) to its output."""
 
-    def __init__(self, probes=None, layers=None):
+    def __init__(self, probes=None):
         Messenger.__init__(self)
         TorchFunctionMode.__init__(self)
         self.probes = probes or {}
-        self.layers = layers  # None: discover; else {weight site: bias site or None} to follow
         self.latent = {}  # id(value) -> site name
         self.inputs, self.out_shapes, self.uses = {}, {}, {}
         self.bias, self.transposed = {}, set()  # weight site -> bias site; F.linear's (out, in) weights
@@ -257,8 +256,8 @@ class _Layer:
 
 @dataclass
 class KronBlock:
-    """One layer's Kronecker factors: ``C_layer ≈ A ⊗ B + δ I`` over its weight (rows: inputs, a bias row
-    last; columns: outputs), with the eigenvalues of ``A`` and ``B``."""
+    """One layer's Kronecker factors: ``C_layer ≈ A ⊗ B + δ I`` over its weight laid out as (inputs, a bias row
+    last) × outputs, ``δ`` the layer's prior precision."""
 
     weight: str
     bias: str | None
@@ -286,16 +285,16 @@ class Curvature:
     dense: torch.Tensor | None = None
     diagonal: torch.Tensor | None = None
     blocks: list = field(default_factory=list)
-    model: "CurvatureModel | None" = field(default=None, repr=False)
+    source: "LaplaceCurvature | None" = field(default=None, repr=False)
     theta: torch.Tensor | None = field(default=None, repr=False)
     h: torch.Tensor | None = field(default=None, repr=False)
 
     def sample(self, num_samples: int, seed: int = 0) -> torch.Tensor:
         """``num_samples`` draws of ``N(0, C⁻¹)``, shape ``(S, d)``."""
-        return self.model.sample(self, num_samples, seed)
+        return self.source.sample(self, num_samples, seed)
 
 
-class CurvatureModel:
+class LaplaceCurvature:
     """
     The pieces of ``C`` for one :class:`~pyro_evidence.problem.Problem`, found once (which sites are observed
     laws, which latents are linear layers, whether the prior's Hessian is diagonal); then pure functions of
@@ -589,11 +588,11 @@ class CurvatureModel:
                 C = C + j * torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
             what = "Hessian of the inner loss" if self.structure == "exact" else "GGN (with the prior's Hessian)"
             factor = cholesky(C, what=what)
-            return Curvature(self.structure, 2 * factor.diagonal().log().sum(), dense=C, model=self, theta=theta, h=h)
+            return Curvature(self.structure, 2 * factor.diagonal().log().sum(), dense=C, source=self, theta=theta, h=h)
         if self.structure == "diag":
             diag = self.diagonal(theta, h) + j
             _check_positive(diag, "diagonal")
-            return Curvature("diag", diag.log().sum(), diagonal=diag, model=self, theta=theta, h=h)
+            return Curvature("diag", diag.log().sum(), diagonal=diag, source=self, theta=theta, h=h)
         blocks, other = self.kron(theta, h)
         other = other + j
         _check_positive(other, "diagonal outside the Kronecker blocks")
@@ -603,28 +602,26 @@ class CurvatureModel:
             eig = lam.clamp(min=0).unsqueeze(1) * mu.clamp(min=0).unsqueeze(0) + b.delta + j
             _check_positive(eig, f"Kronecker block of {b.weight!r} (its prior precision must be > 0)")
             total = total + eig.log().sum()
-        return Curvature("kron", total, diagonal=other, blocks=blocks, model=self, theta=theta, h=h)
+        return Curvature("kron", total, diagonal=other, blocks=blocks, source=self, theta=theta, h=h)
 
     def _slq(self, theta, h):
-        op = self.ggn_operator(theta.detach(), h.detach())
-        j = self.jitter
-        matvec = (lambda V: op(V) + j * V) if j else op
-        est = slq_logdet(matvec, theta.shape[-1], theta, self.num_probes, self.lanczos_steps, self.seed)
-        # Hutchinson: ∂ log det C ≈ mean_z (C⁻¹z)ᵀ ∂C z, the solves from the same Lanczos run
-        live = self.ggn_operator(theta, h)(est.probes)
-        trace = (est.solves * live).sum(-1)
+        est, trace = self._hutchinson(theta, h)
         surrogate = est.value + (trace - trace.detach()).mean()
-        return Curvature("ggn" if self.structure == "ggn" else "exact", surrogate, log_det_se=est.se, model=self,
-                         theta=theta, h=h)
+        return Curvature(self.structure, surrogate, log_det_se=est.se, source=self, theta=theta, h=h)
 
     def probe_log_dets(self, theta, h):
         """Per-probe SLQ surrogates ``(m,)``: their mean is :meth:`log_det`; their spread is the estimator's."""
+        est, trace = self._hutchinson(theta, h)
+        return est.per_probe + trace - trace.detach()
+
+    def _hutchinson(self, theta, h):
+        """The SLQ estimate at ``(θ, h)`` held fixed, and ``(C⁻¹z)ᵀ C(θ, h) z`` per probe, live in ``(θ, h)``: its
+        gradient is Hutchinson's estimate of ``∂ log det C``, the solves taken from the same Lanczos bases."""
         op = self.ggn_operator(theta.detach(), h.detach())
         j = self.jitter
-        matvec = (lambda V: op(V) + j * V) if j else op
-        est = slq_logdet(matvec, theta.shape[-1], theta, self.num_probes, self.lanczos_steps, self.seed)
-        live = (est.solves * self.ggn_operator(theta, h)(est.probes)).sum(-1)
-        return est.per_probe + live - live.detach()
+        est = slq_logdet((lambda V: op(V) + j * V) if j else op, theta.shape[-1], theta, self.num_probes,
+                         self.lanczos_steps, self.seed)
+        return est, (est.solves * self.ggn_operator(theta, h)(est.probes)).sum(-1)
 
     def linearised_rows(self, theta, h, deltas):
         """

@@ -335,7 +335,7 @@ def _linearised_rows(problem, objective, theta, h, hessian, num_samples, seed):
     training rows' likelihood weighted by ``k/(k−1)``, as in eq. (1)), for every fold and row."""
     from pyro.poutine.messenger import Messenger
 
-    from .curvature import CurvatureModel
+    from .curvature import LaplaceCurvature
 
     class _ScaleObserved(Messenger):
         def _pyro_sample(self, msg):
@@ -350,9 +350,9 @@ def _linearised_rows(problem, objective, theta, h, hessian, num_samples, seed):
     for q in range(theta.shape[0]):
         train = objective.train[q].bool()
         fold = Problem(scaled, *[None if a is None else a[train] for a in problem.args], model_kwargs=problem.model_kwargs)
-        model = CurvatureModel(fold, hessian)
+        model = LaplaceCurvature(fold, hessian)
         deltas = model.sample(model.curvature(theta[q], h), num_samples, seed)
-        full = CurvatureModel(problem, "ggn")
+        full = LaplaceCurvature(problem, "ggn")
         out.append(full.linearised_rows(theta[q], h, deltas))  # (S, N): every row, the test ones used
     rows = torch.stack(out)
     return torch.logsumexp(rows, dim=1) - math.log(num_samples)

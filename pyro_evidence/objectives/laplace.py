@@ -29,7 +29,7 @@ import torch
 from ..hypergrad.linalg import cholesky, hessian_and_value, value_grad_hessian
 from ..problem import Problem
 from .base import Objective
-from .curvature import Curvature, CurvatureModel
+from .curvature import Curvature, LaplaceCurvature
 
 __all__ = ["LaplaceObjective", "LaplaceEvidence", "laplace_evidence", "laplace_hypergradient", "gaussian_draws"]
 
@@ -54,7 +54,7 @@ class LaplaceObjective(Objective):
         if jitter < 0:
             raise ValueError(f"jitter must be >= 0, got {jitter}")
         self.jitter = jitter
-        self.curvature = CurvatureModel(problem, hessian, logdet, jitter=jitter, num_probes=num_probes,
+        self.curvature = LaplaceCurvature(problem, hessian, logdet, jitter=jitter, num_probes=num_probes,
                                         lanczos_steps=lanczos_steps, seed=seed)
         self.curvature.setup()  # refuses what the structure cannot handle before any fit
 
@@ -214,18 +214,18 @@ def _laplace_at(objective, h, theta_init) -> LaplaceEvidence:
             stacklevel=3,
         )
     theta = m.theta
-    model = objective.curvature
-    if model.structure == "exact" and model.logdet == "dense":
+    curv = objective.curvature
+    if curv.structure == "exact" and curv.logdet == "dense":
         H = m.hessian
         if H is None:  # the inner solver works without a dense Hessian above newton_max_dim
             _, _, H = value_grad_hessian(lambda t: problem.loss(t, h), theta)
         if jitter:
             H = H + jitter * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
         log_det = 2 * cholesky(H).diagonal().log().sum()
-        curvature = Curvature("exact", log_det, dense=H, model=model, theta=theta, h=h)
+        curvature = Curvature("exact", log_det, dense=H, source=curv, theta=theta, h=h)
     else:
         with torch.no_grad():
-            curvature = model.curvature(theta, h)
+            curvature = curv.curvature(theta, h)
     d = theta.numel()
     log_evidence = -m.loss + 0.5 * d * _LOG_2PI - 0.5 * curvature.log_det
     return LaplaceEvidence(

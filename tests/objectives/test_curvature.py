@@ -10,7 +10,7 @@ from torch.distributions import constraints
 
 import pyro_evidence as pe
 from pyro_evidence.compare import laplace_rows
-from pyro_evidence.objectives.curvature import CurvatureModel, slq_logdet
+from pyro_evidence.objectives.curvature import LaplaceCurvature, slq_logdet
 from pyro_evidence.models.linear import linear_regression
 from pyro_evidence.models.logistic import logistic_regression
 from pyro_evidence.models.mlp import mlp_classifier
@@ -79,8 +79,8 @@ def test_ggn_equals_the_hessian_on_a_linear_gaussian_model():
     pyro.clear_param_store()
     problem = Problem(linear_regression, X, y)
     theta = torch.randn(problem.theta_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    G = CurvatureModel(problem, "ggn").dense(theta, problem.h_init)
-    H = CurvatureModel(problem, "exact").dense(theta, problem.h_init)
+    G = LaplaceCurvature(problem, "ggn").dense(theta, problem.h_init)
+    H = LaplaceCurvature(problem, "exact").dense(theta, problem.h_init)
     assert_close(G, H, rtol=0, atol=1e-10)
     assert_close(G, X.T @ X + torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-10)  # β = α = 1
     for hessian in ("ggn", "kron"):  # one output: K-FAC is exact too
@@ -106,7 +106,7 @@ def test_diag_equals_the_diagonal_of_the_dense_ggn():
     pyro.clear_param_store()
     problem = Problem(mlp_classifier, X, y, model_kwargs=MLP)
     theta = 0.5 * torch.randn(problem.theta_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    diag = CurvatureModel(problem, "diag").diagonal(theta, problem.h_init)
+    diag = LaplaceCurvature(problem, "diag").diagonal(theta, problem.h_init)
     assert_close(diag, _hand_ggn(problem, X, theta, problem.h_init).diagonal(), rtol=0, atol=1e-10)
 
 
@@ -115,12 +115,12 @@ def test_layers_written_as_pyro_modules_are_found():
     pyro.clear_param_store()
     model = Linear1(4)
     problem = Problem(model, X, y)
-    curv = CurvatureModel(problem, "kron")
+    curv = LaplaceCurvature(problem, "kron")
     curv.setup()
     assert [(l.weight, l.bias, l.transposed) for l in curv.layers] == [("fc.weight", "fc.bias", True)]
     theta = torch.randn(problem.theta_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    G = CurvatureModel(problem, "ggn").dense(theta, problem.h_init)
-    assert_close(CurvatureModel(problem, "diag").diagonal(theta, problem.h_init), G.diagonal(), rtol=0, atol=1e-10)
+    G = LaplaceCurvature(problem, "ggn").dense(theta, problem.h_init)
+    assert_close(LaplaceCurvature(problem, "diag").diagonal(theta, problem.h_init), G.diagonal(), rtol=0, atol=1e-10)
     # one output, a shared precision over weight and bias: K-FAC is exact
     assert_close(curv.curvature(theta, problem.h_init).log_det, torch.logdet(G), rtol=1e-12)
 
@@ -138,14 +138,14 @@ def test_kron_is_the_kronecker_product_of_its_factors_on_one_layer():
     pyro.clear_param_store()
     problem = Problem(softmax_regression, X, y)
     theta = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    curv = CurvatureModel(problem, "kron").curvature(theta, problem.h_init)
+    curv = LaplaceCurvature(problem, "kron").curvature(theta, problem.h_init)
     p = (X @ theta.reshape(4, 3)).softmax(-1)
     B = sum(torch.diag(q) - torch.outer(q, q) for q in p) / X.shape[0]
     A = X.T @ X
     assert_close(curv.blocks[0].A, A, rtol=1e-12)
     assert_close(curv.blocks[0].B, B, rtol=1e-12)
     assert_close(curv.log_det, torch.logdet(torch.kron(A, B) + 0.5 * torch.eye(12, dtype=torch.float64)), rtol=1e-12)
-    draws = CurvatureModel(problem, "kron")
+    draws = LaplaceCurvature(problem, "kron")
     draws.setup()
     S = draws.sample(curv, 20000, seed=0)  # draws of N(0, C⁻¹): their covariance, to Monte-Carlo accuracy
     cov = torch.linalg.inv(torch.kron(A, B) + 0.5 * torch.eye(12, dtype=torch.float64))
@@ -161,7 +161,7 @@ def test_slq_log_det_lies_within_its_error_bars_at_d_2000():
     problem = Problem(linear_regression, X, y)
     theta, h = torch.zeros(d, dtype=torch.float64), problem.h_init
     truth = torch.logdet(X.T @ X + torch.eye(d, dtype=torch.float64))
-    model = CurvatureModel(problem, "ggn", "slq")
+    model = LaplaceCurvature(problem, "ggn", "slq")
     op = model.ggn_operator(theta, h)
     errors = []
     for seed in range(20):

@@ -633,7 +633,8 @@ class LaplaceCurvature:
         trace, _, _ = self._run(theta, h)
         outputs = self._outputs(trace)
         eta = tuple(o[2] for o in outputs)
-        Jd = vmap(lambda v: jvp(lambda t: self.split(t, h)[0], (theta,), (v,))[1])(deltas)
+        # 64 draws at a time: S draws at once would hold S copies of the network's activations
+        Jd = vmap(lambda v: jvp(lambda t: self.split(t, h)[0], (theta,), (v,))[1], chunk_size=64)(deltas)
         n = self.problem.num_data
         rows = 0
         for (name, kind, values, a, w, event), k, e, je in zip(outputs, self._kinds, eta, Jd):

@@ -307,3 +307,22 @@ def test_linearised_predictive_is_the_exact_one_on_a_linear_model():
     ggn = pe.laplace_evidence(linear_regression, X, y, hessian="ggn")
     draws = exact.sample(50, seed=1)
     assert_close(laplace_rows(ggn, draws), laplace_rows(exact, draws), rtol=1e-10)
+
+
+@pytest.mark.parametrize("hessian", ["ggn", "kron"])
+def test_cv_laplace_predictive_in_a_curvature_matches_the_closed_form(hessian):
+    """Linear-Gaussian: fold q's posterior (likelihood weighted by k/(k−1), eq. (1)) is Gaussian and its predictive
+    ``N(y_i | x_iᵀm_q, 1/β + x_iᵀ S_q x_i)`` closed-form; the draws' estimate must match it to Monte-Carlo error."""
+    X, y = _data(n=40)
+    k = 4
+    pyro.clear_param_store()
+    cv = pe.cv_log_predictive(linear_regression, X, y, k=k, predictive="laplace", hessian=hessian, num_samples=20000)
+    total = 0.0
+    for q in range(k):
+        test = torch.as_tensor(cv.folds == q)
+        Xtr, ytr = X[~test], y[~test]
+        S = torch.linalg.inv(torch.eye(3, dtype=torch.float64) + k / (k - 1) * Xtr.T @ Xtr)  # α = β = 1
+        m = k / (k - 1) * S @ Xtr.T @ ytr
+        var = 1.0 + ((X[test] @ S) * X[test]).sum(-1)
+        total += torch.distributions.Normal(X[test] @ m, var.sqrt()).log_prob(y[test]).sum()
+    assert abs(float(cv.value) - float(total)) < 0.05

@@ -346,13 +346,13 @@ def _linearised_rows(problem, objective, theta, h, hessian, num_samples, seed):
         with _ScaleObserved():
             return problem.model(*args, **kwargs)
 
+    full = LaplaceCurvature(problem, "ggn")  # the linearised model on all rows, found once for every fold
     out = []
     for q in range(theta.shape[0]):
         train = objective.train[q].bool()
         fold = Problem(scaled, *[None if a is None else a[train] for a in problem.args], model_kwargs=problem.model_kwargs)
         model = LaplaceCurvature(fold, hessian)
         deltas = model.sample(model.curvature(theta[q], h), num_samples, seed)
-        full = LaplaceCurvature(problem, "ggn")
         out.append(full.linearised_rows(theta[q], h, deltas))  # (S, N): every row, the test ones used
     rows = torch.stack(out)
     return torch.logsumexp(rows, dim=1) - math.log(num_samples)

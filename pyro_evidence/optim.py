@@ -5,7 +5,8 @@ Damped Newton steps with the dense Hessian (Armijo backtracking) run until the g
 shrinking (round-off level), so that the Laplace evidence and implicit hypergradients evaluated
 there are exact to working precision. Where Newton cannot make progress from the start point —
 the Hessian is not positive definite there, or the steps stall — L-BFGS with a strong-Wolfe line
-search brings ``θ`` into Newton's basin first, and Newton polishes its result.
+search brings ``θ`` into Newton's basin first, and Newton polishes its result — modified Newton
+(``H + τI``, Nocedal & Wright 2006, §3.4) where L-BFGS stopped in a non-convex region.
 
 Newton goes first because the problems solved here are those whose dense Hessian is needed
 anyway (for ``log det H``): from a warm start, or on a convex inner loss, it converges in a
@@ -73,17 +74,41 @@ def grad_and_value_detached(fn, theta):
     return f.detach(), g.detach()
 
 
-def _newton(fn, theta, max_steps):
+def _shifted_cholesky(H):
+    """Cholesky factor of ``H + τI`` for the smallest ``τ`` of the sequence ``0, τ₀, 2τ₀, …`` that
+    makes it positive definite (Nocedal & Wright 2006, Algorithm 3.3), ``τ₀`` scaled to ``H``'s diagonal."""
+    factor, info = torch.linalg.cholesky_ex(H)
+    if not bool(info):
+        return factor
+    diag = H.diagonal()
+    beta = 1e-3 * float(diag.abs().mean().clamp(min=torch.finfo(H.dtype).tiny ** 0.5))
+    tau = max(beta, beta - float(diag.min()))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(64):  # a finite H is positive definite after τ > ‖H‖; NaNs never are
+        factor, info = torch.linalg.cholesky_ex(H + tau * eye)
+        if not bool(info):
+            return factor
+        tau *= 2.0
+    return None
+
+
+def _newton(fn, theta, max_steps, modified=False):
     """Damped Newton steps (Armijo backtracking) until neither the loss nor the gradient norm
     improves beyond round-off. Returns ``(theta, f, g, H, steps)``, ``H`` the Hessian at the
-    returned ``theta``."""
+    returned ``theta``. Where ``H`` is not positive definite, plain Newton stops; with
+    ``modified=True`` it steps along ``−(H + τI)⁻¹ g`` instead, a descent direction that also
+    leaves a saddle along its negative curvature."""
     f, g, H = value_grad_hessian(fn, theta)
     gnorm = g.norm()
     roundoff = 10 * torch.finfo(theta.dtype).eps
     steps = 0
     for _ in range(max_steps):
-        factor, info = torch.linalg.cholesky_ex(H)
-        if bool(info):  # not in a convex region: Newton has no descent direction to offer
+        if modified:
+            factor = _shifted_cholesky(H)
+        else:
+            factor, info = torch.linalg.cholesky_ex(H)
+            factor = None if bool(info) else factor  # not in a convex region: no descent direction
+        if factor is None:
             break
         direction = -torch.cholesky_solve(g.unsqueeze(-1), factor).squeeze(-1)
         slope = torch.dot(g, direction)
@@ -144,7 +169,9 @@ def minimize(
     converged = float(g.norm()) <= tol * max(1.0, abs(float(f)))
     if not converged:  # outside Newton's basin (H not positive definite, or no progress)
         theta, iterations = _lbfgs(fn, theta, max_iter, tol_grad=eps**0.5)
-        theta, f, g, H, more = _newton(fn, theta, max_newton)
+        # L-BFGS can stop short in a non-convex region (a plateau, the shoulder of a saddle), where
+        # plain Newton would stop too: modified Newton carries θ on to a minimum
+        theta, f, g, H, more = _newton(fn, theta, max_newton, modified=True)
         steps += more
         converged = float(g.norm()) <= tol * max(1.0, abs(float(f)))
     gnorm = float(g.norm())

@@ -9,6 +9,7 @@ or Adam) works in unconstrained ``h``, so positive hyperparameters move on a log
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import math
@@ -552,7 +553,7 @@ def _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, prob
     while len(history) < max_steps:
         if optimizer == "lbfgs":
             before = h.detach().clone()
-            outer.step(closure)
+            _lbfgs_step(outer, closure, h)
             stalled = torch.equal(before, h.detach())
         else:
             closure()
@@ -569,6 +570,32 @@ def _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, prob
             outer.step()
     if checkpoint is not None and history:
         save_checkpoint(checkpoint, h, outer, history, state, done, key)
+
+
+def _lbfgs_step(outer, closure, h, retries=4, shrink=0.1):
+    """One L-BFGS iteration that backs off from trial points where the inner problem fails.
+
+    The strong-Wolfe line search has no use for a point where ``Q`` cannot be evaluated (the
+    inner Hessian is not positive definite there, say), so such a trial ends the step: the
+    optimiser's state and ``h`` are restored and the iteration is repeated from a step ``shrink``
+    times shorter, up to ``retries`` times, before the failure ends the selection.
+    """
+    saved = copy.deepcopy(outer.state_dict())
+    start = h.detach().clone()
+    lr = outer.param_groups[0]["lr"]
+    try:
+        for attempt in range(retries + 1):
+            try:
+                return outer.step(closure)
+            except _NonFinite:
+                if attempt == retries:
+                    raise
+                with torch.no_grad():
+                    h.copy_(start)
+                outer.load_state_dict(copy.deepcopy(saved))
+                outer.param_groups[0]["lr"] = lr * shrink ** (attempt + 1)
+    finally:
+        outer.param_groups[0]["lr"] = lr
 
 
 _FORMAT = "pyro-evidence/checkpoint/2"
@@ -682,8 +709,11 @@ def _hoag(evaluate, h, state, max_steps, tol, schedule, lr):
         if float(hg.grad.abs().max()) <= tol:
             return
         candidate = h + hg.grad / lipschitz
-        new = evaluate(candidate, tol=eps(k), x0=v)
-        if float(new.value) >= float(hg.value) - eps(k) * (1 + float(hg.grad.norm())):
+        try:
+            new = evaluate(candidate, tol=eps(k), x0=v)
+        except _NonFinite:  # the inner problem fails there: a rejected step, like one that lowers Q
+            new = None
+        if new is not None and float(new.value) >= float(hg.value) - eps(k) * (1 + float(hg.grad.norm())):
             h, hg, v = candidate, new, new.info.get("v")
             lipschitz *= 0.9
         else:

@@ -5,9 +5,10 @@ import pytest
 import torch
 from sklearn.linear_model import BayesianRidge
 
-from pyro_evidence import Selection, laplace_evidence, select_hyperparameters
+from pyro_evidence import NotPositiveDefiniteError, Selection, laplace_evidence, select_hyperparameters
 from pyro_evidence.datasets import diabetes
 from pyro_evidence.models import linear_regression, polynomial_regression
+from pyro_evidence.objectives.base import Objective
 
 from .common import assert_close, linear_gaussian_log_evidence
 
@@ -246,3 +247,40 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
 def test_a_missing_checkpoint_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="the directory .* does not exist"):
         run(tmp_path / "nowhere" / "run.pt")
+
+
+def fail_inner_solves_above(monkeypatch, limit):
+    """Makes the inner solve fail where the prior precision exceeds ``limit``; returns the failed ``h``."""
+    failed, solve = [], Objective.solve
+
+    def failing_solve(self, h, theta0=None):
+        if float(self.problem.params(h)["prior_precision"]) > limit:
+            failed.append(h)
+            raise NotPositiveDefiniteError("the Hessian of the inner loss is not positive definite")
+        return solve(self, h, theta0)
+
+    monkeypatch.setattr(Objective, "solve", failing_solve)
+    return failed
+
+
+def test_lbfgs_steps_back_from_a_trial_point_where_the_inner_problem_fails(bayesian_ridge, monkeypatch):
+    # beyond 1.05 × the optimal prior precision, a region the line search overshoots into on its way there
+    X, y = diabetes()
+    failed = fail_inner_solves_above(monkeypatch, 1.05 * bayesian_ridge.lambda_)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "stopping with the last good hyperparameters"
+        sel = select_hyperparameters(linear_regression, X, y, progress=False)
+    assert failed and sel.converged
+    assert_close(sel.hyperparameters["prior_precision"], bayesian_ridge.lambda_, rtol=1e-4)
+    assert_close(sel.objective, bayesian_ridge.scores_[-1], rtol=1e-8)
+
+
+def test_hoag_rejects_a_step_to_where_the_inner_problem_fails(monkeypatch):
+    X, y = diabetes()
+    failed = fail_inner_solves_above(monkeypatch, 1.2)  # HOAG's first step from 1 goes to 1.26
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        sel = select_hyperparameters(linear_regression, X, y, method="hoag", max_steps=10, progress=False)
+    assert failed and len(sel.history) + len(failed) == 10  # it went on after each failure, to the last step
+    assert all(float(s.hyperparameters["prior_precision"]) <= 1.2 for s in sel.history)
+    assert float(sel.objective) > sel.history[0].objective

@@ -294,7 +294,7 @@ def selection_table(args, lines):
         "test log-likelihood per image | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|",
         f"| start | 1 | 1 | {float(r0.log_evidence):.3f} | {a0:.4f} | {l0:.4f} | |",
-        f"| pyro-evidence `select_hyperparameters(hessian=\"kron\", tol=1e-4)`, {len(sel.history)} outer steps | {ours[0]:.4g} | "
+        f"| pyro-evidence `select_hyperparameters(hessian=\"kron\", tol=1e-4)`, {len(sel.history)} evaluations | {ours[0]:.4g} | "
         f"{ours[1]:.4g} | {float(e_ours.log_evidence):.3f} | {a_ours:.4f} | {l_ours:.4f} | {ours_seconds:.1f} "
         "(including the MAP at the start) |",
         f"| laplace-torch `optimize_prior_precision` (layerwise marglik, 100 Adam steps, the MAP at the start) | "

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from .hypergrad.linalg import value_grad_hessian
+from .linalg import value_grad_hessian
 
 __all__ = ["Minimum", "minimize"]
 
@@ -62,7 +62,7 @@ def _lbfgs(fn, theta, max_iter, tol_grad):
         return loss
 
     opt.step(closure)
-    iterations = opt.state[opt._params[0]].get("n_iter", 0)
+    iterations = opt.state[theta].get("n_iter", 0)
     return theta.detach(), iterations
 
 
@@ -75,64 +75,108 @@ def grad_and_value_detached(fn, theta):
 
 
 def _shifted_cholesky(H):
-    """Cholesky factor of ``H + τI`` for the smallest ``τ`` of the sequence ``0, τ₀, 2τ₀, …`` that
-    makes it positive definite (Nocedal & Wright 2006, Algorithm 3.3), ``τ₀`` scaled to ``H``'s diagonal."""
+    """Cholesky factors of ``H + τI`` (a batch ``(k, D, D)``), each ``τ`` the first of ``0, τ₀, 2τ₀, …`` that
+    makes it positive definite (Nocedal & Wright 2006, Algorithm 3.3), ``τ₀`` scaled to that ``H``'s diagonal;
+    None where no ``τ`` does (a Hessian with NaNs)."""
     factor, info = torch.linalg.cholesky_ex(H)
-    if not bool(info):
+    if not bool(info.any()):
         return factor
-    diag = H.diagonal()
-    beta = 1e-3 * float(diag.abs().mean().clamp(min=torch.finfo(H.dtype).tiny ** 0.5))
-    tau = max(beta, beta - float(diag.min()))
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for _ in range(64):  # a finite H is positive definite after τ > ‖H‖; NaNs never are
-        factor, info = torch.linalg.cholesky_ex(H + tau * eye)
-        if not bool(info):
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    beta = 1e-3 * diag.abs().mean(-1).clamp(min=torch.finfo(H.dtype).tiny ** 0.5)
+    tau = torch.where(info > 0, torch.maximum(beta, beta - diag.min(-1).values), torch.zeros_like(beta))
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    for _ in range(64):  # a finite H is positive definite after τ > ‖H‖
+        factor, info = torch.linalg.cholesky_ex(H + tau[:, None, None] * eye)
+        if not bool(info.any()):
             return factor
-        tau *= 2.0
+        tau = torch.where(info > 0, 2 * tau, tau)
     return None
 
 
-def _newton(fn, theta, max_steps, modified=False):
-    """Damped Newton steps (Armijo backtracking) until neither the loss nor the gradient norm
-    improves beyond round-off. Returns ``(theta, f, g, H, steps)``, ``H`` the Hessian at the
-    returned ``theta``. Where ``H`` is not positive definite, plain Newton stops; with
-    ``modified=True`` it steps along ``−(H + τI)⁻¹ g`` instead, a descent direction that also
-    leaves a saddle along its negative curvature."""
-    f, g, H = value_grad_hessian(fn, theta)
-    gnorm = g.norm()
+@dataclass
+class NewtonResult:
+    """What :func:`newton` reached: per problem ``theta``, ``f``, ``g``, ``H`` (batched), the steps taken, and
+    ``stuck`` — whether some problem stopped for want of a descent direction or an acceptable step."""
+
+    theta: torch.Tensor
+    f: torch.Tensor
+    g: torch.Tensor
+    H: torch.Tensor
+    steps: int
+    stuck: bool
+
+
+def _line_search(vgh, state, direction, floor, todo):
+    """Armijo backtracking, each problem halving its own step from 1. Returns the accepted ``(θ, f, g, H)``
+    (unchanged for problems not in ``todo``) and which problems found a step."""
+    theta, f, g, H = state
+    slope, gnorm = (g * direction).sum(-1), g.norm(dim=-1)
+    t = torch.ones_like(f)
+    found, new = ~todo, state
+    for _ in range(30):
+        cand = theta + t[:, None] * direction
+        fc, gc, Hc = vgh(cand)
+        # near the mode f changes at round-off level only; the gradient still tells progress
+        ok = torch.isfinite(fc) & ((fc <= f + 1e-4 * t * slope) | ((gc.norm(dim=-1) < gnorm) & (fc <= f + floor)))
+        take = (ok & ~found).view(-1, 1)
+        new = (torch.where(take, cand, new[0]), torch.where(take[:, 0], fc, new[1]), torch.where(take, gc, new[2]),
+               torch.where(take[:, :, None], Hc, new[3]))
+        found = found | ok
+        if bool(found.all()):
+            break
+        t = torch.where(found, t, t / 2)
+    return new, found
+
+
+def newton(vgh, theta, max_steps=20, modified=False):
+    """
+    Damped Newton steps (Armijo backtracking) on a batch of independent problems until neither the loss nor
+    the gradient norm improves beyond round-off. ``vgh(θ)`` maps ``θ`` of shape ``(k, D)`` to the values,
+    gradients and Hessians ``(k,)``, ``(k, D)``, ``(k, D, D)``; each problem has its own Cholesky factor, step
+    length and stopping point. Where a Hessian is not positive definite plain Newton has no descent direction
+    and stops (``stuck``); with ``modified=True`` it steps along ``−(H + τI)⁻¹ g`` instead, a descent direction
+    that also leaves a saddle along its negative curvature.
+    """
+    state = vgh(theta)
+    state = (theta, *state)
     roundoff = 10 * torch.finfo(theta.dtype).eps
-    steps = 0
+    active = torch.ones(theta.shape[0], dtype=torch.bool, device=theta.device)
+    steps, stuck = 0, False
     for _ in range(max_steps):
+        _, f, g, H = state
         if modified:
             factor = _shifted_cholesky(H)
         else:
             factor, info = torch.linalg.cholesky_ex(H)
-            factor = None if bool(info) else factor  # not in a convex region: no descent direction
+            factor = None if bool(info.any()) else factor
         if factor is None:
+            stuck = True
             break
-        direction = -torch.cholesky_solve(g.unsqueeze(-1), factor).squeeze(-1)
-        slope = torch.dot(g, direction)
+        direction = -torch.cholesky_solve(g.unsqueeze(-1), factor).squeeze(-1) * active[:, None]
         floor = roundoff * f.abs().clamp(min=1.0)
-        t, accepted = 1.0, False
-        for _ in range(30):
-            candidate = theta + t * direction
-            f_new, g_new, H_new = value_grad_hessian(fn, candidate)
-            new_norm = g_new.norm()
-            # Near the mode f changes at round-off level only; the gradient still tells progress.
-            if torch.isfinite(f_new) and (
-                f_new <= f + 1e-4 * t * slope or (new_norm < gnorm and f_new <= f + floor)
-            ):
-                accepted = True
-                break
-            t *= 0.5
-        if not accepted:
+        new, found = _line_search(vgh, state, direction, floor, active)
+        if not bool(found.all()):
+            stuck = True
             break
-        progress = bool(new_norm < 0.5 * gnorm) or bool(f - f_new > floor)
-        theta, f, g, H, gnorm = candidate, f_new, g_new, H_new, new_norm
+        new_norm = new[2].norm(dim=-1)
+        progress = (new_norm < 0.5 * g.norm(dim=-1)) | (f - new[1] > floor)
+        state = new
         steps += 1
-        if not progress or bool(gnorm <= 100 * floor):  # at the round-off floor
+        active = active & progress & (new_norm > 100 * floor)  # the rest are at the round-off floor
+        if not bool(active.any()):
             break
-    return theta, f, g, H, steps
+    return NewtonResult(*state, steps, stuck)
+
+
+def _newton(fn, theta, max_steps, modified=False):
+    """:func:`newton` on one problem: ``(θ, f, g, H, steps)``."""
+
+    def vgh(t):
+        f, g, H = value_grad_hessian(fn, t[0])
+        return f[None], g[None], H[None]
+
+    r = newton(vgh, theta[None], max_steps, modified)
+    return r.theta[0], r.f[0], r.g[0], r.H[0], r.steps
 
 
 def minimize(

@@ -157,7 +157,7 @@ def _initial_value(fn):
     return transform(torch.zeros(transform.inverse_shape(fn.shape()))).detach()
 
 
-class _Discover(Messenger):
+class Discover(Messenger):
     """First run of a model: initialises its params, records latent sites, casts to the data's
     dtype and device so that ``pyro.param("a", torch.tensor(1.0))`` works with float64 data."""
 
@@ -421,7 +421,7 @@ class Problem:
         # calls requires_grad_) and keeps Pyro's validation on so bad models get its messages.
         _check_finite_kwargs(self.model_kwargs)
         integer = [i for i, a in enumerate(self.args) if a is not None and not a.is_floating_point()]
-        discover = _Discover(self.dtype, self.device, init_loc_fn)
+        discover = Discover(self.dtype, self.device, init_loc_fn)
         try:
             # (not under default_dtype: the params this run creates keep the dtype the user gave them)
             with pyro.validation_enabled(True), discover:
@@ -451,7 +451,7 @@ class Problem:
             theta_init.append(transform.inv(site["value"].detach()).reshape(-1))
             offset += numel
         self.latents = tuple(latents)
-        self._latent_by_name = {s.name: s for s in latents}
+        self.latent_by_name = {s.name: s for s in latents}
         self.theta_init = (
             torch.cat(theta_init) if theta_init else torch.zeros(0, dtype=self.dtype, device=self.device)
         )
@@ -544,7 +544,7 @@ class Problem:
     def trace(self, theta, h, args=None, handlers=()):
         """Runs the model with ``θ`` and ``h`` substituted (and ``handlers``, context managers entered inside the
         substitution). Returns ``(trace, log_jacobian)``."""
-        sub = _Substitute(self._latent_by_name, theta, self.params(h), self.dtype, self.device)
+        sub = _Substitute(self.latent_by_name, theta, self.params(h), self.dtype, self.device)
         args = self.args if args is None else args
         # Pyro's NaN-warning hooks are data-dependent control flow, which torch.func rejects.
         with pyro.validation_enabled(False), default_dtype(self.dtype), sub, contextlib.ExitStack() as stack:

@@ -45,7 +45,7 @@ import warnings
 
 import torch
 
-from .hypergrad.linalg import NotPositiveDefiniteError
+from .linalg import NotPositiveDefiniteError
 from .util import digest, fingerprint, mismatch
 
 __all__ = [

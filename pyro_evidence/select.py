@@ -27,7 +27,7 @@ from torch.func import grad
 
 from .hypergrad import METHODS
 from .hypergrad.implicit import check_validation
-from .hypergrad.linalg import NotPositiveDefiniteError
+from .linalg import NotPositiveDefiniteError
 from .hypergrad.unrolled import UNROLLED
 from .objectives import OBJECTIVES
 from .optim import minimize

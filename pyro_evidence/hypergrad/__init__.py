@@ -2,6 +2,6 @@
 
 from .api import METHODS, hypergradient
 from .implicit import Hypergradient
-from .linalg import NotPositiveDefiniteError, SolveResult, cg, hvp, neumann
+from ..linalg import NotPositiveDefiniteError, SolveResult, cg, hvp, neumann
 
 __all__ = ["METHODS", "Hypergradient", "hypergradient", "NotPositiveDefiniteError", "SolveResult", "cg", "hvp", "neumann"]

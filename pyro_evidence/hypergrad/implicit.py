@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import grad_and_value, jacrev
 
-from .linalg import NotPositiveDefiniteError, cg, dense_solve, hvp_operator, mixed_vjp, neumann, power_iteration, value_grad_hessian
+from ..linalg import NotPositiveDefiniteError, cg, dense_solve, hvp_operator, mixed_vjp, neumann, power_iteration, value_grad_hessian
 
 __all__ = ["Hypergradient", "check_validation", "IMPLICIT", "ift_exact", "ift_cg", "ift_neumann", "t1_t2", "larsen"]
 

@@ -63,7 +63,8 @@ from pyro.poutine.util import site_is_subsample
 from torch.func import jvp, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
-from ..hypergrad.linalg import NotPositiveDefiniteError, cholesky, hessian_and_value
+from ..compat import mask_of
+from ..linalg import NotPositiveDefiniteError, cholesky, hessian_and_value
 
 __all__ = ["STRUCTURES", "LOGDETS", "Curvature", "LaplaceCurvature", "KronBlock", "slq_logdet"]
 
@@ -130,7 +131,7 @@ def _unwrap(fn):
         if isinstance(fn, dist.Independent):
             fn = fn.base_dist
         elif isinstance(fn, MaskedDistribution):
-            mask = fn._mask if mask is None else mask & fn._mask
+            mask = mask_of(fn) if mask is None else mask & mask_of(fn)
             fn = fn.base_dist
         elif isinstance(fn, ExpandedDistribution):
             fn = fn.base_dist
@@ -395,7 +396,7 @@ class LaplaceCurvature:
         self.out_shapes = {l.weight: watch.out_shapes[l.weight] for l in self.layers}
         if self.structure == "kron":
             self._check_isotropic(theta, h)
-        site = problem._latent_by_name
+        site = problem.latent_by_name
         covered = torch.zeros(problem.theta_dim, dtype=torch.bool, device=problem.device)
         for l in self.layers:
             for s in (l.weight, l.bias):
@@ -428,7 +429,7 @@ class LaplaceCurvature:
         g = torch.Generator().manual_seed(1)
         other = h + 0.3 * torch.randn(h.shape, generator=g, dtype=torch.float64).to(h)
         diags = [_hvp(self.rest, theta, x, torch.ones_like(theta)) for x in (h, other)]
-        site = self.problem._latent_by_name
+        site = self.problem.latent_by_name
         for l in self.layers:
             w = torch.stack([diag[site[l.weight].slice] for diag in diags])
             if not bool(torch.allclose(w, w[:, :1].expand_as(w), rtol=1e-10, atol=0)):
@@ -549,7 +550,7 @@ class LaplaceCurvature:
         d = theta.shape[-1]
         diag = self.prior_diagonal(theta, h)  # the prior's Hessian is diagonal (checked)
         ggn = theta.new_zeros(d)
-        site = self.problem._latent_by_name
+        site = self.problem.latent_by_name
         for l, (a, g) in zip(self.layers, self._layer_stats(theta, h).values()):
             s2 = (g * g).sum(0)  # (N, out)
             block = (a * a).T @ s2  # (in', out)
@@ -562,7 +563,7 @@ class LaplaceCurvature:
         self._meta()
         n = self.problem.num_data
         prior = self.prior_diagonal(theta, h)
-        site = self.problem._latent_by_name
+        site = self.problem.latent_by_name
         blocks = []
         for l, (a, g) in zip(self.layers, self._layer_stats(theta, h).values()):
             A = a.T @ a
@@ -664,7 +665,7 @@ class LaplaceCurvature:
         if curv.structure == "kron":
             out = torch.zeros_like(eps)
             out[:, self.other] = eps[:, self.other] * curv.diagonal.rsqrt()
-            site = self.problem._latent_by_name
+            site = self.problem.latent_by_name
             for l, b in zip(self.layers, curv.blocks):
                 lam, QA = torch.linalg.eigh(b.A)
                 mu, QB = torch.linalg.eigh(b.B)
@@ -684,7 +685,7 @@ class LaplaceCurvature:
     def _perturbation_draws(self, curv, eps, g):
         """Matrix-free draws: ``C⁻¹ (JᵀΛ^{½}ε₁ + (∇²R)^{½} ε₂)`` has covariance ``C⁻¹`` (the prior's Hessian must be
         diagonal), each solve by conjugate gradients."""
-        from ..hypergrad.linalg import cg
+        from ..linalg import cg
 
         theta, h = curv.theta.detach(), curv.h.detach()
         self._meta()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.func import grad_and_value, jacrev, vmap
 
-from ..optim import minimize
+from ..optim import Minimum, minimize, newton
 from ..problem import Problem
 from .base import Objective
 
@@ -101,10 +101,13 @@ class _MaskedObjective(Objective):
         d = self.problem.theta_dim
         if d == 0 or d > 2000:
             return super().solve(h, theta0)
-        m = _batched_newton(self._fold_vgh(h.detach()), theta0.detach().reshape(self.k, d), self.tol)
-        if m is None:
+        r = newton(self._fold_vgh(h.detach()), theta0.detach().reshape(self.k, d))
+        if r.stuck:
             return super().solve(h, theta0)
-        return m
+        tol = torch.finfo(r.f.dtype).eps ** 0.5 if self.tol is None else self.tol
+        converged = bool((r.g.norm(dim=-1) <= tol * r.f.abs().clamp(min=1.0)).all())
+        return Minimum(r.theta.reshape(-1), r.f.sum(), float(r.g.reshape(-1).norm()), converged, 0, r.steps,
+                       torch.block_diag(*r.H))
 
     def _fold_vgh(self, h):
         scale, problem = self.train_scale, self.problem
@@ -187,54 +190,6 @@ class HoldoutObjective(_MaskedObjective):
             is_val[torch.randperm(n_train, generator=g)[:n_val]] = 1
             is_val = is_val.to(problem.device)
         super().__init__(problem, (1 - is_val)[None], is_val[None], 1.0, **options)
-
-
-def _batched_newton(vgh, theta, tol, max_steps=20):
-    """Damped Newton over a batch of independent problems ``vgh(θ) → (f, g, H)`` (shapes
-    ``(k,)``, ``(k, D)``, ``(k, D, D)``), each with its own Armijo step. Returns a
-    :class:`~pyro_evidence.optim.Minimum` with the block-diagonal Hessian, or None where some
-    Hessian is not positive definite."""
-    from ..optim import Minimum
-
-    eps = torch.finfo(theta.dtype).eps
-    tol = eps**0.5 if tol is None else tol
-    f, g, H = vgh(theta)
-    roundoff = 10 * eps
-    steps = 0
-    active = torch.ones(theta.shape[0], dtype=torch.bool, device=theta.device)
-    for _ in range(max_steps):
-        factor, info = torch.linalg.cholesky_ex(H)
-        if bool(info.any()):
-            return None
-        direction = -torch.cholesky_solve(g.unsqueeze(-1), factor).squeeze(-1) * active[:, None]
-        slope = (g * direction).sum(-1)
-        floor = roundoff * f.abs().clamp(min=1.0)
-        gnorm = g.norm(dim=-1)
-        t = torch.ones_like(f)
-        done = ~active
-        new = (theta.clone(), f.clone(), g.clone(), H.clone())
-        for _ in range(30):
-            cand = theta + t[:, None] * direction
-            fc, gc, Hc = vgh(cand)
-            ok = torch.isfinite(fc) & ((fc <= f + 1e-4 * t * slope) | ((gc.norm(dim=-1) < gnorm) & (fc <= f + floor)))
-            take = ok & ~done
-            new = tuple(torch.where(take.view(-1, *([1] * (a.dim() - 1))), b, a) for a, b in zip(new, (cand, fc, gc, Hc)))
-            done = done | ok
-            if bool(done.all()):
-                break
-            t = torch.where(done, t, t / 2)
-        if not bool(done.all()):
-            return None
-        new_norm = new[2].norm(dim=-1)
-        progress = (new_norm < 0.5 * gnorm) | (f - new[1] > floor)
-        theta, f, g, H = new
-        steps += 1
-        active = active & progress & (new_norm > 100 * floor)
-        if not bool(active.any()):
-            break
-    gnorm = g.norm(dim=-1)
-    converged = bool((gnorm <= tol * f.abs().clamp(min=1.0)).all())
-    return Minimum(theta.reshape(-1), f.sum(), float(g.reshape(-1).norm()), converged, 0, steps, torch.block_diag(*H))
 
 
 def _prepare(args, problem):

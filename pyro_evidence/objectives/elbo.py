@@ -45,6 +45,7 @@ from pyro.infer.autoguide.utils import deep_setattr
 from torch.distributions import constraints, kl_divergence
 from torch.func import vmap
 
+from ..compat import autodiagonal_latents, autonormal_loc_scale, setup_prototype
 from ..problem import Problem, split_by_row
 from ..util import seeded
 from .base import Objective
@@ -138,7 +139,7 @@ class ElboObjective(Objective):
         def kl(name, site):
             if name not in self.analytic:
                 return None
-            s, fn = problem._latent_by_name[name], site["fn"]
+            s, fn = problem.latent_by_name[name], site["fn"]
             # values from the optimiser, not the user: a NaN gives a NaN loss (handled as non-finite
             # by the callers), not an exception from argument validation
             q = dist.Normal(loc[s.slice].reshape(s.shape), scale[s.slice].reshape(s.shape), validate_args=False)
@@ -210,28 +211,22 @@ def guide_loc_scale(guide) -> dict:
     if guide.prototype_trace is None:
         raise ValueError("the guide has not been run yet: call it once or fit it first")
     if isinstance(guide, AutoDiagonalNormal):
-        loc = dict((site["name"], v) for site, v in guide._unpack_latent(guide.loc))
-        scale = dict((site["name"], v) for site, v in guide._unpack_latent(guide.scale))
+        loc = dict((site["name"], v) for site, v in autodiagonal_latents(guide, guide.loc))
+        scale = dict((site["name"], v) for site, v in autodiagonal_latents(guide, guide.scale))
         return {name: (loc[name].detach(), scale[name].detach()) for name in loc}
     out = {}
     for name, _ in guide.prototype_trace.iter_stochastic_nodes():
-        loc, scale = guide._get_loc_and_scale(name)  # AutoNormal nests dotted site names
+        loc, scale = autonormal_loc_scale(guide, name)
         out[name] = (loc.detach(), scale.detach())
     return out
 
 
 def _setup_guide(guide, problem: Problem):
-    from ..problem import _Discover
+    from ..problem import Discover
 
     if guide.prototype_trace is None:
-        # The prototype trace runs under poutine.block, which outer handlers cannot see through:
-        # cast params to the data's dtype and device inside the model itself, for that one run.
-        model = guide._model
-        guide._model = (_Discover(problem.dtype, problem.device)(model[0]),)
-        try:
-            guide._setup_prototype(*problem.args, **problem.model_kwargs)
-        finally:
-            guide._model = model
+        # cast params to the data's dtype and device inside the model itself, for the prototype's run
+        setup_prototype(guide, Discover(problem.dtype, problem.device), *problem.args, **problem.model_kwargs)
 
 
 def _set_guide(guide, problem: Problem, loc, scale):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import pyro.distributions as dist
 import torch
 
-from ..hypergrad.linalg import cholesky, hessian_and_value, value_grad_hessian
+from ..linalg import cholesky, hessian_and_value, value_grad_hessian
 from ..problem import Problem
 from .base import Objective
 from .curvature import Curvature, LaplaceCurvature
@@ -270,7 +270,7 @@ def laplace_hypergradient(
     :returns: :class:`~pyro_evidence.hypergrad.implicit.Hypergradient`.
     """
     from ..hypergrad.implicit import IMPLICIT
-    from ..hypergrad.linalg import cg, dense_solve, hvp_operator, mixed_vjp
+    from ..linalg import cg, dense_solve, hvp_operator, mixed_vjp
 
     if method not in ("ift-exact", "ift-cg"):
         raise ValueError(f"method must be 'ift-exact' or 'ift-cg', got {method!r}")

@@ -5,7 +5,7 @@ from pyro_evidence.hypergrad.greedy import greedy
 
 
 def test_default_step_needs_positive_curvature():
-    from pyro_evidence.hypergrad.linalg import NotPositiveDefiniteError
+    from pyro_evidence.linalg import NotPositiveDefiniteError
 
     theta, h = torch.ones(3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
 

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from pyro_evidence.hypergrad.linalg import (
+from pyro_evidence.linalg import (
     NotPositiveDefiniteError,
     cg,
     cholesky,
@@ -17,7 +17,7 @@ from pyro_evidence.hypergrad.linalg import (
     value_grad_hessian,
 )
 
-from ..common import assert_close
+from .common import assert_close
 
 
 def quartic(theta, h):

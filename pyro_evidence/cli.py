@@ -212,10 +212,12 @@ def select(argv_args, out=sys.stdout):
     return sel
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pyro-evidence", description="Evidence-based model selection for Pyro models."
-    )
+def _parser():
+    from .hypergrad import METHODS
+    from .objectives import OBJECTIVES
+    from .search import SEARCH_METHODS
+
+    parser = argparse.ArgumentParser(prog="pyro-evidence", description="Evidence-based model selection for Pyro models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="select polynomial degree and precisions by Laplace evidence")
     p.add_argument("--n", type=int, default=30, help="number of observations (default 30)")
@@ -226,8 +228,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (cpu)")
     q = sub.add_parser("select", help="select hyperparameters of a reference model on built-in data")
     q.add_argument("--case", choices=list(_cases()), default="linear-diabetes", help="model and data (linear-diabetes)")
-    q.add_argument("--objective", default="laplace", help="laplace | elbo | cv | holdout (laplace)")
-    q.add_argument("--method", default="ift-exact", help="a hypergradient method, hoag, graves, or grid | random | gp (ift-exact)")
+    q.add_argument("--objective", choices=sorted(OBJECTIVES), default="laplace", help="the validation function (laplace)")
+    methods = sorted(METHODS) + ["graves", "hoag"] + list(SEARCH_METHODS)
+    q.add_argument("--method", choices=methods, default="ift-exact", metavar="METHOD",
+                   help=f"a hypergradient method, an outer loop or a search: {', '.join(methods)} (ift-exact)")
     q.add_argument("--max-steps", type=int, default=100, help="outer evaluations at most (100)")
     q.add_argument("--n-trials", type=int, default=None, help="black-box search: the study's trials in all")
     q.add_argument("--storage", default=None, help="Optuna storage URL or journal file path (search)")
@@ -245,59 +249,55 @@ def main(argv=None) -> int:
     e.add_argument("--methods", nargs="+", default=None, help="methods (synthetic: all eight; mnist: random greedy drmad hoag ift-cg)")
     e.add_argument("--runs", type=int, default=5, help="runs per method and validation function (5)")
     e.add_argument("--iterations", type=int, default=None, help="hyperparameter iterations (synthetic 50, mnist 25)")
-    e.add_argument("--pool", type=int, default=1, help="mnist: average-pool the 28 × 28 images by this factor (1)")
+    e.add_argument("--pool", type=int, choices=(1, 2, 4, 7, 14, 28), default=1,
+                   help="mnist: average-pool the 28 × 28 images by this factor (1)")
     e.add_argument("--fast", action="store_true", help="one run, 3 iterations (mnist: 300 training images), for CI")
     e.add_argument("--output-dir", default="experiment_results", help="where the CSV and Markdown go")
     e.add_argument("--device", default="cpu", help="torch device of the selections, e.g. cuda (cpu)")
+    return parser
+
+
+def _experiment(args, parser, argv):
+    from .experiments import EXPERIMENTS, METHODS, MNIST_METHODS, Mnist, run, write_results
+
+    methods = args.methods or (MNIST_METHODS if args.name == "mnist" else METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r}; the experiment's methods are {METHODS}")
+    if args.runs < 1:
+        parser.error(f"--runs must be >= 1, got {args.runs}")
+    setup = Mnist(args.device, args.fast, args.pool) if args.name == "mnist" else EXPERIMENTS[args.name](args.device, args.fast)
+    if args.iterations is not None and not args.fast:
+        if args.iterations < 1:
+            parser.error(f"--iterations must be >= 1, got {args.iterations}")
+        setup.iterations = args.iterations
+    command = "pyro-evidence " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def save(results):  # after every run: an interrupted experiment keeps what it finished
+        return write_results(results, args.output_dir, command, deviations=setup.deviations)
+
+    results = run(setup, tuple(args.objective or ("cv", "elbo")), methods, args.runs, fast=args.fast, on_run=save)
+    csv_path, md_path = save(results)
+    print(open(md_path).read())
+    print(f"written: {csv_path}, {md_path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "experiment":
-        from .experiments import EXPERIMENTS, METHODS, MNIST_METHODS, Mnist, run, write_results
-
-        methods = args.methods or (MNIST_METHODS if args.name == "mnist" else METHODS)
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            parser.error(f"unknown method {unknown[0]!r}; the experiment's methods are {METHODS}")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            parser.error("--device cuda: CUDA is not available on this machine")
-        if args.runs < 1:
-            parser.error(f"--runs must be >= 1, got {args.runs}")
-        if args.pool not in (1, 2, 4, 7, 14, 28):
-            parser.error(f"--pool must divide 28, got {args.pool}")
-        if args.name == "mnist":
-            setup = Mnist(args.device, args.fast, args.pool)
-        else:
-            setup = EXPERIMENTS[args.name](args.device, args.fast)
-        if args.iterations is not None and not args.fast:
-            if args.iterations < 1:
-                parser.error(f"--iterations must be >= 1, got {args.iterations}")
-            setup.iterations = args.iterations
-        command = "pyro-evidence " + " ".join(argv if argv is not None else sys.argv[1:])
-
-        def save(results):  # after every run: an interrupted experiment keeps what it finished
-            return write_results(results, args.output_dir, command, deviations=setup.deviations)
-
-        results = run(setup, tuple(args.objective or ("cv", "elbo")), methods, args.runs, fast=args.fast, on_run=save)
-        csv_path, md_path = save(results)
-        print(open(md_path).read())
-        print(f"written: {csv_path}, {md_path}")
-        return 0
-    if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
+    if args.command == "experiment":
+        return _experiment(args, parser, argv)
     if args.command == "select":
         try:
             select(args)
         except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
             parser.error(str(e))
         return 0
-    if args.command == "demo":
-        demo(
-            n=args.n,
-            noise=args.noise,
-            seed=args.seed,
-            max_degree=args.max_degree,
-            output=args.output or None,
-            device=args.device,
-        )
+    demo(n=args.n, noise=args.noise, seed=args.seed, max_degree=args.max_degree, output=args.output or None,
+         device=args.device)
     return 0
 
 

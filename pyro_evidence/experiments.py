@@ -469,29 +469,46 @@ def write_results(results, directory, command, stem=None, deviations=None):
     ``{stem}.md`` (means ± standard deviations over runs, the noise table, the command, the commit,
     the machine and the ``deviations``, by default the experiment's); ``stem`` defaults to the
     experiment's name."""
-    import platform
-    import subprocess
-
     experiment = results[0].experiment
     stem = stem or experiment
-    metric = "RMSE" if experiment == "synthetic" else "accuracy"
     os.makedirs(directory, exist_ok=True)
     csv_path, md_path = os.path.join(directory, f"{stem}.csv"), os.path.join(directory, f"{stem}.md")
+    _write_csvs(results, csv_path, os.path.join(directory, f"{stem}_trajectories.csv"))
+    lines = _report(results, command, deviations or DEVIATIONS[experiment])
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines))
+    return csv_path, md_path
+
+
+def _write_csvs(results, path, trajectories):
     fields = [k for k in asdict(results[0]) if k != "trajectory"]
-    with open(csv_path, "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in results:
             writer.writerow({k: v for k, v in asdict(r).items() if k in fields})
-    with open(os.path.join(directory, f"{stem}_trajectories.csv"), "w", newline="") as f:
+    with open(trajectories, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["objective", "method", "seed", "iteration", "Q"])
         for r in results:
             writer.writerows([r.objective, r.method, r.seed, i + 1, q] for i, q in enumerate(r.trajectory))
+
+
+def _commit():
+    import subprocess
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except Exception:  # noqa: BLE001 - outside a checkout
-        commit = "unknown"
+        return "unknown"
+
+
+def _report(results, command, deviations):
+    """The Markdown report's lines: the main table, the noise table, collapsed and failed runs, deviations."""
+    import platform
+
+    experiment = results[0].experiment
+    metric = "RMSE" if experiment == "synthetic" else "accuracy"
     groups = {}
     for r in results:
         groups.setdefault((r.objective, r.method), []).append(r)
@@ -499,7 +516,7 @@ def write_results(results, directory, command, stem=None, deviations=None):
         f"# Experiment: {experiment}",
         "",
         f"Command: `{command}`  ",
-        f"Commit: `{commit}`  ",
+        f"Commit: `{_commit()}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} logical cores, torch {torch.__version__}  ",
         f"Date: {time.strftime('%Y-%m-%d')}",
         "",
@@ -515,32 +532,24 @@ def write_results(results, directory, command, stem=None, deviations=None):
             f"{_mean_std([r.error_perturbed_050 for r in rs])} | {_mean_std([r.seconds for r in rs])} | "
             f"{sum(r.collapsed for r in finished)} of {len(finished)} |"
         )
-    lines += [
-        "",
-        f"## Noise on the training inputs (test {metric}, the selected hyperparameters kept)",
-        "",
-        "| validation | method | σ = 0 | σ = 0.1 | σ = 0.25 | σ = 0.5 |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines += ["", f"## Noise on the training inputs (test {metric}, the selected hyperparameters kept)", "",
+              "| validation | method | σ = 0 | σ = 0.1 | σ = 0.25 | σ = 0.5 |", "|---|---|---|---|---|---|"]
     for (objective, method), rs in groups.items():
         lines.append(
             f"| {objective} | {method} | " + " | ".join(_mean_std([getattr(r, f'noise_{k}') for r in rs]) for k in ("000", "010", "025", "050")) + " |"
         )
+    return lines + _exceptions(results, metric) + ["", "## Deviations from the protocol", "", *[f"- {d}" for d in deviations], ""]
+
+
+def _exceptions(results, metric):
+    lines = []
     collapsed = [r for r in results if r.collapsed and not r.failed]
     if collapsed:
-        lines += [
-            "",
-            "## Collapsed runs (test predictions that ignore the inputs)",
-            "",
-            "The selected prior switched the model off; these runs are kept in the means above.",
-            "",
-        ]
+        lines += ["", "## Collapsed runs (test predictions that ignore the inputs)", "",
+                  "The selected prior switched the model off; these runs are kept in the means above.", ""]
         lines += [f"- {r.objective}, {r.method}, seed {r.seed}: best Q {r.best_q:.3f}, test {metric} {r.test_error:.3f}" for r in collapsed]
     failed = [r for r in results if r.failed]
     if failed:
         lines += ["", "## Failed runs (left out of the means)", ""]
         lines += [f"- {r.objective}, {r.method}, seed {r.seed}: {r.failed}" for r in failed]
-    lines += ["", "## Deviations from the protocol", "", *[f"- {d}" for d in (deviations or DEVIATIONS[experiment])], ""]
-    with open(md_path, "w") as f:
-        f.write("\n".join(lines))
-    return csv_path, md_path
+    return lines

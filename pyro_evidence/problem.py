@@ -377,6 +377,61 @@ def _short(value) -> str:
     return f"{float(value):g}" if value.numel() == 1 else f"tensor of shape {tuple(value.shape)} ({value.reshape(-1)[:4].tolist()}…)"
 
 
+def _latent_layout(trace, dtype, device):
+    """The latent sites' places in flat unconstrained ``θ``, ``θ`` at the trace's values, and the param sites."""
+    latents, offset, theta_init, params = [], 0, [], {}
+    for name, site in trace.nodes.items():
+        if site["type"] == "param":
+            params[name] = site["value"]
+        if site["type"] != "sample" or not _is_latent(site):
+            continue
+        transform = biject_to(site["fn"].support)
+        shape = site["value"].shape
+        ushape = transform.inverse_shape(shape)
+        numel = math.prod(ushape)
+        latents.append(LatentSite(name, offset, numel, shape, torch.Size(ushape)))
+        theta_init.append(transform.inv(site["value"].detach()).reshape(-1))
+        offset += numel
+    theta = torch.cat(theta_init) if theta_init else torch.zeros(0, dtype=dtype, device=device)
+    return tuple(latents), theta, params
+
+
+def _hyperparameter_names(params, hyperparameters, required):
+    if isinstance(hyperparameters, str):
+        hyperparameters = [hyperparameters]
+    if hyperparameters is None:
+        names = list(params)
+    else:
+        names = list(hyperparameters)
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise ValueError(f"unknown hyperparameter {unknown[0]!r}: the model's pyro.param sites are {sorted(params)}")
+    if required and not names:
+        raise ValueError(
+            "the model has no pyro.param site to select: hyperparameters are the "
+            "pyro.param sites of the model, e.g. "
+            "pyro.param('prior_precision', torch.tensor(1.0), constraint=constraints.positive)"
+        )
+    return names
+
+
+def _hyper_layout(params, names, dtype, device):
+    """The hyperparameters' places in flat unconstrained ``h`` (through their param-store constraints), and ``h``."""
+    store_constraints = pyro.get_param_store().get_state()["constraints"]
+    hypers, offset, h_init = [], 0, []
+    for name in names:
+        value = params[name].detach()
+        if not value.is_floating_point():
+            raise TypeError(f"hyperparameter {name!r} must be a floating tensor")
+        constraint = store_constraints.get(name, constraints.real)
+        numel = value.numel()
+        hypers.append(HyperSite(name, offset, numel, value.shape, constraint))
+        h_init.append(biject_to(constraint).inv(value).reshape(-1))
+        offset += numel
+    h = torch.cat(h_init) if h_init else torch.zeros(0, dtype=dtype, device=device)
+    return tuple(hypers), h
+
+
 class Problem:
     """
     Functional view of a Pyro model on its data.
@@ -414,11 +469,21 @@ class Problem:
         self.model = model
         self.model_kwargs = dict(model_kwargs or {})
         self.args, self.dtype, self.device = prepare_data(args)
-        if isinstance(hyperparameters, str):
-            hyperparameters = [hyperparameters]
+        trace, integer = self._first_run(init_loc_fn)
+        self.latents, self.theta_init, params = _latent_layout(trace, self.dtype, self.device)
+        self.latent_by_name = {s.name: s for s in self.latents}
+        names = _hyperparameter_names(params, hyperparameters, require_hyperparameters)
+        self.hypers, self.h_init = _hyper_layout(params, names, self.dtype, self.device)
+        hint = f"; positional argument {integer[0]} is integer-typed ({self.args[integer[0]].dtype})" if integer else ""
+        _check_start(trace, {s.name: params[s.name] for s in self.hypers}, hint)
+        self.observed = tuple(
+            name for name, site in trace.nodes.items() if site["type"] == "sample" and site["is_observed"]
+        )
 
-        # The first run initialises the param store outside any torch.func transform (the store
-        # calls requires_grad_) and keeps Pyro's validation on so bad models get its messages.
+    def _first_run(self, init_loc_fn):
+        """Traces the model once (the start point); returns the trace and which data arguments are integers.
+        The run initialises the param store outside any torch.func transform (the store calls
+        ``requires_grad_``) and keeps Pyro's validation on, so bad models get its messages."""
         _check_finite_kwargs(self.model_kwargs)
         integer = [i for i, a in enumerate(self.args) if a is not None and not a.is_floating_point()]
         discover = Discover(self.dtype, self.device, init_loc_fn)
@@ -435,65 +500,7 @@ class Problem:
                 "arguments are passed on unchanged, as labels and indices need"
             ) from e
         _check_trace(trace)
-
-        latents, offset, theta_init = [], 0, []
-        params = {}
-        for name, site in trace.nodes.items():
-            if site["type"] == "param":
-                params[name] = site["value"]
-            if site["type"] != "sample" or not _is_latent(site):
-                continue
-            transform = biject_to(site["fn"].support)
-            shape = site["value"].shape
-            ushape = transform.inverse_shape(shape)
-            numel = math.prod(ushape)
-            latents.append(LatentSite(name, offset, numel, shape, torch.Size(ushape)))
-            theta_init.append(transform.inv(site["value"].detach()).reshape(-1))
-            offset += numel
-        self.latents = tuple(latents)
-        self.latent_by_name = {s.name: s for s in latents}
-        self.theta_init = (
-            torch.cat(theta_init) if theta_init else torch.zeros(0, dtype=self.dtype, device=self.device)
-        )
-
-        if hyperparameters is None:
-            names = list(params)
-        else:
-            names = list(hyperparameters)
-            unknown = [n for n in names if n not in params]
-            if unknown:
-                raise ValueError(
-                    f"unknown hyperparameter {unknown[0]!r}: the model's pyro.param sites are "
-                    f"{sorted(params)}"
-                )
-        if require_hyperparameters and not names:
-            raise ValueError(
-                "the model has no pyro.param site to select: hyperparameters are the "
-                "pyro.param sites of the model, e.g. "
-                "pyro.param('prior_precision', torch.tensor(1.0), constraint=constraints.positive)"
-            )
-        store_constraints = pyro.get_param_store().get_state()["constraints"]
-        hypers, offset, h_init = [], 0, []
-        for name in names:
-            value = params[name].detach()
-            if not value.is_floating_point():
-                raise TypeError(f"hyperparameter {name!r} must be a floating tensor")
-            constraint = store_constraints.get(name, constraints.real)
-            numel = value.numel()
-            hypers.append(HyperSite(name, offset, numel, value.shape, constraint))
-            h_init.append(biject_to(constraint).inv(value).reshape(-1))
-            offset += numel
-        self.hypers = tuple(hypers)
-        self.h_init = (
-            torch.cat(h_init) if h_init else torch.zeros(0, dtype=self.dtype, device=self.device)
-        )
-        hint = f"; positional argument {integer[0]} is integer-typed ({self.args[integer[0]].dtype})" if integer else ""
-        _check_start(trace, {s.name: params[s.name] for s in hypers}, hint)
-        self.observed = tuple(
-            name
-            for name, site in trace.nodes.items()
-            if site["type"] == "sample" and site["is_observed"]
-        )
+        return trace, integer
 
     # --- sizes -------------------------------------------------------------------------------
     @property

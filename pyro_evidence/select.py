@@ -1,52 +1,37 @@
 """
-The outer loop: ``h* = argmax_h Q(θ*(h), h)`` with ``θ*(h) = argmin_θ L(θ, h)``.
+Hyperparameter selection: ``h* = argmax_h Q(θ*(h), h)`` with ``θ*(h) = argmin_θ L(θ, h)``.
 
 Each outer evaluation warm-starts the inner solve from the previous ``θ*``, then asks a
-hypergradient method for ``dQ/dh``; the outer optimiser (L-BFGS with a strong-Wolfe line search,
-or Adam) works in unconstrained ``h``, so positive hyperparameters move on a log scale.
+hypergradient method for ``dQ/dh`` (what the method needs besides — a dense Hessian, per-example
+losses — is read from its registry entry, :class:`~pyro_evidence.hypergrad.api.Method`); the outer
+loops (:mod:`pyro_evidence.ascent`) work in unconstrained ``h``, so positive hyperparameters move on
+a log scale, and checkpoint through :mod:`pyro_evidence.checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
-import json
 import math
-import os
-import pickle
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from torch.func import grad
-
+from .ascent import NonFinite, ascend, coordinate_ascent, hoag
+from .checkpoint import Best, CheckpointLock, Progress, Saver, Step, check_path
 from .hypergrad import METHODS
 from .hypergrad.implicit import check_validation
-from .linalg import NotPositiveDefiniteError
 from .hypergrad.unrolled import UNROLLED
+from .linalg import NotPositiveDefiniteError
 from .objectives import OBJECTIVES
-from .optim import minimize
 from .problem import Problem
 from .search import SEARCH_METHODS, SearchInterrupted, history_of, search
-from .util import fingerprint, mismatch
+from .util import fingerprint
 
 __all__ = ["Selection", "Step", "select_hyperparameters"]
-
-
-@dataclass
-class Step:
-    """One outer evaluation: ``objective`` = ``Q(θ*(h), h)``, ``hyperparameters`` (constrained),
-    ``grad_norm`` = ``max |dQ/dh|`` in unconstrained ``h``, ``seconds`` since the start."""
-
-    objective: float
-    hyperparameters: dict
-    grad_norm: float
-    seconds: float
 
 
 @dataclass
@@ -78,30 +63,6 @@ class Selection:
     method: str = "ift-exact"
     problem: Problem | None = field(default=None, repr=False)
     grad_norm: float = math.nan
-
-
-def _coordinate_ascent(obj, h, state, history, max_steps, tol, start, bar):
-    """Graves (2011): alternate the fit of q (``θ ← argmin_θ L``) with the prior update
-    ``h ← argmax_h Q(θ, h)``. Neither half lowers ``Q``; stops at the fixed point."""
-    problem = obj.problem
-    theta = obj.theta_init
-    for _ in range(max_steps):
-        theta = obj.solve(h, theta).theta
-        m = minimize(lambda h_: -obj.validation(theta, h_), h)
-        h_new, value = m.theta, -m.loss
-        gmax = float(grad(obj.validation, argnums=1)(theta, h_new).abs().max())
-        step = float((h_new - h).abs().max())
-        h = h_new
-        history.append(
-            Step(float(value), {k: v.detach().clone() for k, v in problem.params(h).items()}, gmax, time.perf_counter() - start)
-        )
-        state["best"] = (float(value), h.clone(), theta, value.detach(), gmax)
-        bar.update(1)
-        bar.set_postfix(Q=f"{float(value):.6g}", step=f"{step:.2g}")
-        if step <= tol:
-            state["fixed_point"] = True
-            break
-    state["theta"] = theta
 
 
 def _check_choice(kind, value, choices):
@@ -203,7 +164,7 @@ def select_hyperparameters(
     :rtype: Selection
     """
     _check_choice("objective", objective, OBJECTIVES)
-    _check_choice("method", method, {**METHODS, "graves": None, **dict.fromkeys(SEARCH_METHODS)})
+    _check_choice("method", method, {**METHODS, "graves": None, "hoag": None, **dict.fromkeys(SEARCH_METHODS)})
     if method == "graves" and objective != "elbo":
         raise ValueError(
             f"method='graves' is the closed-form prior update of the ELBO; it needs "
@@ -238,110 +199,124 @@ def select_hyperparameters(
     obj = OBJECTIVES[objective](problem, **options)
     if tol is None:
         tol = max(1e-6, 10 * torch.finfo(problem.dtype).eps ** 0.5)
-    schedule = method_options.pop("schedule", "quadratic") if method == "hoag" else None
-    if method == "larsen":
-        method_options["per_example"] = obj.per_example_loss
-    unrolled = method in UNROLLED
-    if unrolled and "batch_size" in method_options:
-        method_options["step_loss"] = obj.step_loss(method_options.pop("batch_size"), method_options.pop("seed", 0))
-
-    start = time.perf_counter()
-    history: list[Step] = []
-    state = {"theta": obj.theta_init, "best": None, "cache": None}
     bar = tqdm(total=max_steps, desc=f"select ({objective}, {method})", disable=None if progress is None else not progress)
-
-    def evaluate(h, **extra):
-        cached = state.get("cache")
-        if cached is not None and not extra and torch.equal(cached[0], h):
-            return cached[1]  # L-BFGS re-evaluates the point its last line search ended on
-        try:
-            opts = {**method_options, **extra}
-            if unrolled:  # the trajectory is the inner solve, warm-started from the last θ_η
-                hg = METHODS[method](obj.inner_loss, obj.validation, state["theta"], h.detach(), **opts)
-                theta = hg.info["theta"]
-            else:
-                m = obj.solve(h, state["theta"])
-                if not history:  # at the first inner optimum, not at the unfitted start
-                    check_validation(obj.validation, m.theta, h.detach())
-                if method == "ift-exact":
-                    opts.update(jitter=jitter, hessian=m.hessian)
-                hg = METHODS[method](obj.inner_loss, obj.validation, m.theta, h.detach(), **opts)
-                theta = m.theta
-        except (FloatingPointError, NotPositiveDefiniteError) as e:
-            if state["best"] is None:  # nothing good to fall back on: the error speaks for itself
-                raise
-            raise _NonFinite(len(history) + 1, str(e)) from e
-        value, gmax = float(hg.value), float(hg.grad.abs().max()) if hg.grad.numel() else 0.0
-        if not (math.isfinite(value) and math.isfinite(gmax)):
-            raise _NonFinite(len(history) + 1, f"Q = {value}, max |dQ/dh| = {gmax}")
-        state["theta"] = theta
-        history.append(
-            Step(value, {k: v.detach().clone() for k, v in problem.params(h).items()}, gmax, time.perf_counter() - start)
-        )
-        if state["best"] is None or value >= state["best"][0]:
-            state["best"] = (value, h.detach().clone(), theta, hg.value.detach(), gmax)
-        bar.update(1)
-        bar.set_postfix(Q=f"{value:.6g}", grad=f"{gmax:.2g}")
-        state["cache"] = (h.detach().clone(), hg)
-        return hg
-
     if method in SEARCH_METHODS:
         return _black_box(obj, problem, method, n_trials if n_trials is not None else (None if method == "grid" else max_steps),
-                          bounds, grid, storage, study_name, seed, bar, start, objective, tol)
-
-    h = obj.h_init.detach().clone().requires_grad_(True)
-    stopped = None
+                          bounds, grid, storage, study_name, seed, bar, time.perf_counter(), objective, tol)
+    schedule = method_options.pop("schedule", "quadratic") if method == "hoag" else None
+    # HOAG's step is a CG solve to its schedule's tolerance; Graves' update needs no hypergradient
+    evaluate = _Evaluator(obj, {"hoag": "ift-cg", "graves": None}.get(method, method), method_options, jitter, bar)
     key = fingerprint(problem, objective=objective, method=method, optimizer=optimizer, objective_options=objective_options,
                       **getattr(obj, "key", {}))
-    _check_checkpoint_path(checkpoint, resume, overwrite)
-    lock = _CheckpointLock(checkpoint) if checkpoint is not None else contextlib.nullcontext()
+    check_path(checkpoint, resume, overwrite)
+    saver = Saver(checkpoint, checkpoint_every, resume, key, problem)
+    stopped = _run(method, evaluate, obj, optimizer, lr, tol, max_steps, schedule, saver, bar)
+    return _selection(evaluate.progress, problem, objective, method, tol, stopped)
+
+
+def _run(method, evaluate, obj, optimizer, lr, tol, max_steps, schedule, saver, bar):
+    """Runs the outer loop; returns why it stopped early (``"interrupted"``, ``"non-finite"``) or None."""
+    progress, h = evaluate.progress, obj.h_init.detach().clone()
+    lock = CheckpointLock(saver.path) if saver.path is not None else contextlib.nullcontext()
     try:
         with lock:
             if method == "graves":
-                _coordinate_ascent(obj, h.detach(), state, history, max_steps, tol, start, bar)
+                coordinate_ascent(obj, h, progress, max_steps, tol, evaluate.start, evaluate.show)
             elif method == "hoag":
-                _hoag(evaluate, h.detach(), state, max_steps, tol, schedule, lr)
+                hoag(evaluate, h, max_steps, tol, schedule, lr)
             else:
-                _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, problem, checkpoint, checkpoint_every, resume, key)
+                ascend(optimizer, evaluate, h.requires_grad_(True), lr, tol, max_steps, progress, saver)
     except KeyboardInterrupt:
-        if state["best"] is None:
+        if progress.best is None:
             raise
-        stopped = "interrupted"
-        warnings.warn(
-            "selection interrupted; returning the best hyperparameters evaluated so far",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    except _NonFinite as e:
-        if state["best"] is None:
-            raise FloatingPointError(
-                "the objective or its hypergradient is not finite at the initial hyperparameters"
-            ) from None
-        stopped = "non-finite"
+        warnings.warn("selection interrupted; returning the best hyperparameters evaluated so far", RuntimeWarning,
+                      stacklevel=3)
+        return "interrupted"
+    except NonFinite as e:
+        if progress.best is None:
+            raise FloatingPointError("the objective or its hypergradient is not finite at the initial hyperparameters") from None
         warnings.warn(
             f"the objective or its hypergradient is not finite at outer step {e.step} ({e.reason}); "
             "stopping with the last good hyperparameters",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
+        return "non-finite"
     finally:
         bar.close()
+    return None
 
-    _, h_best, theta_best, value_best, gmax_best = state["best"]
-    converged = gmax_best <= tol if method != "graves" else state.get("fixed_point", False)
-    problem.write_params(h_best)
+
+def _selection(progress, problem, objective, method, tol, stopped):
+    best = progress.best
+    converged = best.grad_norm <= tol if method != "graves" else progress.fixed_point
+    problem.write_params(best.h)
     return Selection(
-        hyperparameters={k: v.detach() for k, v in problem.params(h_best).items()},
-        objective=value_best,
-        history=history,
+        hyperparameters={k: v.detach() for k, v in problem.params(best.h).items()},
+        objective=best.objective,
+        history=progress.history,
         converged=stopped is None and converged,
-        theta=theta_best,
-        h=h_best,
+        theta=best.theta,
+        h=best.h,
         objective_name=objective,
         method=method,
         problem=problem,
-        grad_norm=gmax_best,
+        grad_norm=best.grad_norm,
     )
+
+
+class _Evaluator:
+    """``Q`` and ``dQ/dh`` at ``h``: the inner solve warm-started from the last ``θ*`` (or, for a method that
+    runs the inner optimisation itself, that method from there), then the hypergradient; each evaluation
+    recorded in ``progress``. What a method needs besides is read from its registry entry."""
+
+    def __init__(self, obj, method, options, jitter, bar):
+        self.obj, self.method, self.bar = obj, METHODS.get(method), bar
+        self.options, self.jitter = dict(options), jitter
+        needs = self.method.needs if self.method is not None else ()
+        if "per_example" in needs:
+            self.options["per_example"] = obj.per_example_loss
+        if "trajectory" in needs and "batch_size" in self.options:
+            self.options["step_loss"] = obj.step_loss(self.options.pop("batch_size"), self.options.pop("seed", 0))
+        self.progress = Progress(obj.theta_init)
+        self.start = time.perf_counter()
+
+    def __call__(self, h, **extra):
+        cache = self.progress.cache
+        if cache is not None and not extra and torch.equal(cache[0], h):
+            return cache[1]  # L-BFGS re-evaluates the point its last line search ended on
+        try:
+            hg, theta = self._hypergradient(h.detach(), {**self.options, **extra})
+        except (FloatingPointError, NotPositiveDefiniteError) as e:
+            if self.progress.best is None:  # nothing good to fall back on: the error speaks for itself
+                raise
+            raise NonFinite(len(self.progress.history) + 1, str(e)) from e
+        value, gmax = float(hg.value), float(hg.grad.abs().max()) if hg.grad.numel() else 0.0
+        if not (math.isfinite(value) and math.isfinite(gmax)):
+            raise NonFinite(len(self.progress.history) + 1, f"Q = {value}, max |dQ/dh| = {gmax}")
+        self.progress.theta = theta
+        hp = {k: v.detach().clone() for k, v in self.obj.problem.params(h).items()}
+        self.progress.record(Step(value, hp, gmax, time.perf_counter() - self.start),
+                             Best(value, h.detach().clone(), theta, hg.value.detach(), gmax))
+        self.progress.cache = (h.detach().clone(), hg)
+        self.show(value, grad=gmax)
+        return hg
+
+    def _hypergradient(self, h, opts):
+        obj, method = self.obj, self.method
+        if "trajectory" in method.needs:  # the trajectory is the inner solve, warm-started from the last θ_η
+            hg = method(obj.inner_loss, obj.validation, self.progress.theta, h, **opts)
+            return hg, hg.info["theta"]
+        m = obj.solve(h, self.progress.theta)
+        if not self.progress.history:  # at the first inner optimum, not at the unfitted start
+            check_validation(obj.validation, m.theta, h)
+        if "hessian" in method.needs:
+            opts.update(jitter=self.jitter, hessian=m.hessian)
+        return method(obj.inner_loss, obj.validation, m.theta, h, **opts), m.theta
+
+    def show(self, value, **postfix):
+        self.bar.update(1)
+        self.bar.set_postfix(Q=f"{value:.6g}", **{k: f"{v:.2g}" for k, v in postfix.items()})
 
 
 _SEARCH_ONLY = ("n_trials", "bounds", "grid", "storage", "study_name")
@@ -406,60 +381,7 @@ def _check_method_options(method, options):
             )
         return
     extra = ("batch_size", "seed") if method in UNROLLED else ()
-    _check_options("method_options", options, METHODS[method], f"method {method!r}", skip=4, extra=extra)
-
-
-def _check_checkpoint_path(path, resume, overwrite):
-    if path is None:
-        return
-    if resume and not os.path.exists(path):
-        raise FileNotFoundError(f"resume=True but there is no checkpoint at {path!r}")
-    if not resume and os.path.exists(path) and not overwrite:
-        raise FileExistsError(
-            f"checkpoint {path!r} exists: pass resume=True to continue that run, or overwrite=True to start a new one "
-            "in its place"
-        )
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint {path!r}: the directory {directory!r} does not exist")
-
-
-class _CheckpointLock:
-    """An exclusive lock on ``<path>.lock`` (``flock``; released by the kernel if the process dies),
-    so that two processes never write one checkpoint. The lock file is removed on release."""
-
-    def __init__(self, path):
-        self.path = f"{path}.lock"
-        self.fd = None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - no flock on this platform: no lock
-            return self
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise RuntimeError(
-                    f"checkpoint {self.path[:-5]!r} is in use: another process is writing it (it holds {self.path!r})"
-                ) from None
-            try:  # the file may have been removed and re-created by its last holder meanwhile
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-                return self
-            os.close(fd)
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.unlink(self.path)
-            os.close(self.fd)
-            self.fd = None
+    _check_options("method_options", options, METHODS[method].fn, f"method {method!r}", skip=4, extra=extra)
 
 
 def _black_box(obj, problem, method, n_trials, bounds, grid, storage, study_name, seed, bar, start, objective, tol):
@@ -527,194 +449,3 @@ def _stationarity(obj, theta, h, max_iter=100, max_dim=2000):
     if hg.info.get("residual", 0.0) > tol:
         return math.nan
     return float(hg.grad.abs().max())
-
-
-def _outer_loop(optimizer, evaluate, h, lr, tol, max_steps, history, state, problem, checkpoint, every, resume, key):
-    """Ascent on ``Q`` one outer iteration at a time (L-BFGS with a strong-Wolfe line search, or
-    Adam), checkpointing every ``every`` iterations and resuming from a checkpoint."""
-    if optimizer == "lbfgs":
-        outer = torch.optim.LBFGS(
-            [h], lr=1.0 if lr is None else lr, max_iter=1, max_eval=25, tolerance_grad=tol,
-            tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe",
-        )
-    elif optimizer == "adam":
-        outer = torch.optim.Adam([h], lr=0.05 if lr is None else lr)
-    else:  # plain gradient ascent, h ← h + lr · dQ/dh
-        outer = torch.optim.SGD([h], lr=0.05 if lr is None else lr)
-    done = 0
-    if resume:
-        done = load_checkpoint(checkpoint, h, outer, history, state, problem, key)
-
-    def closure():
-        hg = evaluate(h.detach())
-        h.grad = -hg.grad
-        return -hg.value.detach()
-
-    while len(history) < max_steps:
-        if optimizer == "lbfgs":
-            before = h.detach().clone()
-            _lbfgs_step(outer, closure, h)
-            stalled = torch.equal(before, h.detach())
-        else:
-            closure()
-            stalled = False
-        done += 1
-        if checkpoint is not None and done % every == 0:
-            save_checkpoint(checkpoint, h, outer, history, state, done, key)
-        if state["cache"] is not None and float(state["cache"][1].grad.abs().max()) <= tol:
-            evaluate(h.detach())  # the converged point itself, for the record
-            break
-        if stalled:
-            break
-        if optimizer != "lbfgs":
-            outer.step()
-    if checkpoint is not None and history:
-        save_checkpoint(checkpoint, h, outer, history, state, done, key)
-
-
-def _lbfgs_step(outer, closure, h, retries=4, shrink=0.1):
-    """One L-BFGS iteration that backs off from trial points where the inner problem fails.
-
-    The strong-Wolfe line search has no use for a point where ``Q`` cannot be evaluated (the
-    inner Hessian is not positive definite there, say), so such a trial ends the step: the
-    optimiser's state and ``h`` are restored and the iteration is repeated from a step ``shrink``
-    times shorter, up to ``retries`` times, before the failure ends the selection.
-    """
-    saved = copy.deepcopy(outer.state_dict())
-    start = h.detach().clone()
-    lr = outer.param_groups[0]["lr"]
-    try:
-        for attempt in range(retries + 1):
-            try:
-                return outer.step(closure)
-            except _NonFinite:
-                if attempt == retries:
-                    raise
-                with torch.no_grad():
-                    h.copy_(start)
-                outer.load_state_dict(copy.deepcopy(saved))
-                outer.param_groups[0]["lr"] = lr * shrink ** (attempt + 1)
-    finally:
-        outer.param_groups[0]["lr"] = lr
-
-
-_FORMAT = "pyro-evidence/checkpoint/2"
-
-
-def save_checkpoint(path, h, outer, history, state, done, key):
-    """Writes the outer loop's state as tensors and plain values (loadable with
-    ``weights_only=True``), to a temporary file first and then renamed over ``path``, so a kill
-    never leaves half a file. ``key`` is the run's fingerprint (:func:`~pyro_evidence.util.fingerprint`)."""
-    value, h_best, theta_best, _, gmax = state["best"]
-    payload = {
-        "format": _FORMAT,
-        "fingerprint": json.dumps(key, sort_keys=True),
-        "done": done,
-        "h": h.detach().clone(),
-        "theta": state["theta"].detach().clone(),
-        "best": {"value": value, "h": h_best.detach().clone(), "theta": theta_best.detach().clone(), "grad_norm": gmax},
-        "optimizer": outer.state_dict(),
-        "objective": torch.tensor([s.objective for s in history], dtype=torch.float64),
-        "grad_norm": torch.tensor([s.grad_norm for s in history], dtype=torch.float64),
-        "seconds": torch.tensor([s.seconds for s in history], dtype=torch.float64),
-        "hyperparameters": {
-            name: torch.stack([s.hyperparameters[name] for s in history]) for name in (history[0].hyperparameters if history else {})
-        },
-    }
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, h, outer, history, state, problem, key):
-    """Restores a checkpoint written by :func:`save_checkpoint` for the same run (``key``): ``h``,
-    the outer optimiser, the history, the warm-start ``θ`` and the best ``h`` with its own ``θ``,
-    in the problem's dtype and on its device. Returns the number of outer iterations done."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"resume=True but there is no checkpoint at {path!r}")
-    try:
-        payload = torch.load(path, weights_only=True, map_location=problem.device)
-    except pickle.UnpicklingError as e:
-        if "global" in str(e).lower():  # a class or function to import and call: code, not data
-            raise ValueError(f"refusing checkpoint {path!r}: it holds more than tensors and plain values ({e})") from None
-        raise ValueError(
-            f"checkpoint {path!r} is corrupted or truncated (it does not unpickle as data); delete it, or run again "
-            "with resume=False and overwrite=True to start afresh"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise ValueError(
-            f"checkpoint {path!r} is corrupted or truncated ({e}); delete it, or run again with resume=False and "
-            "overwrite=True to start afresh"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else None
-        raise ValueError(f"{path!r} is not a pyro-evidence checkpoint of format {_FORMAT!r} (found {found!r})")
-    missing = [k for k in ("fingerprint", "done", "h", "theta", "best", "optimizer", "objective", "grad_norm", "seconds",
-                           "hyperparameters") if k not in payload]
-    if missing:
-        raise ValueError(f"checkpoint {path!r} is incomplete: it has no {missing[0]!r}")
-    reason = mismatch(json.loads(payload["fingerprint"]), key)
-    if reason is not None:
-        raise ValueError(f"checkpoint {path!r} belongs to another run: {reason}; resume it with the same problem, or "
-                         "pass overwrite=True without resume=True to start a new run there")
-    kw = {"dtype": problem.dtype, "device": problem.device}
-    with torch.no_grad():
-        h.copy_(payload["h"].to(**kw))
-    outer.load_state_dict(payload["optimizer"])
-    state["theta"] = payload["theta"].to(**kw)
-    names = list(payload["hyperparameters"])
-    for i in range(payload["objective"].numel()):
-        history.append(
-            Step(
-                float(payload["objective"][i]),
-                {n: payload["hyperparameters"][n][i].to(**kw) for n in names},
-                float(payload["grad_norm"][i]),
-                float(payload["seconds"][i]),
-            )
-        )
-    best = payload["best"]
-    value = float(best["value"])
-    state["best"] = (value, best["h"].to(**kw), best["theta"].to(**kw), torch.tensor(value, **kw), float(best["grad_norm"]))
-    return int(payload["done"])
-
-
-class _NonFinite(Exception):
-    def __init__(self, step, reason):
-        super().__init__(step, reason)
-        self.step, self.reason = step, reason
-
-
-_SCHEDULES = {
-    "exponential": lambda k: 0.1 * 0.9**k,
-    "quadratic": lambda k: 0.1 / (k + 1) ** 2,
-    "cubic": lambda k: 0.1 / (k + 1) ** 3,
-}
-
-
-def _hoag(evaluate, h, state, max_steps, tol, schedule, lr):
-    """
-    HOAG (Pedregosa 2016, Algorithm 1), written for ascent on ``Q``: at outer step ``k`` the
-    linear system ``H v = ∂Q/∂θ`` is solved by CG to the tolerance ``ε_k`` of the schedule,
-    warm-started from the previous ``v``; the step ``h ← h + p_k / L`` is accepted when ``Q`` does
-    not fall by more than ``ε_k·(1 + ‖p_k‖)`` — then ``L ← 0.9 L`` — and rejected otherwise —
-    then ``L ← 2 L`` and ``h`` stays.
-    """
-    if schedule not in _SCHEDULES:
-        raise ValueError(f"unknown HOAG schedule {schedule!r}; use one of {sorted(_SCHEDULES)}")
-    eps = _SCHEDULES[schedule]
-    lipschitz = 1.0 / (0.05 if lr is None else lr)
-    hg = evaluate(h, tol=eps(0))
-    v = hg.info.get("v")
-    for k in range(1, max_steps):
-        if float(hg.grad.abs().max()) <= tol:
-            return
-        candidate = h + hg.grad / lipschitz
-        try:
-            new = evaluate(candidate, tol=eps(k), x0=v)
-        except _NonFinite:  # the inner problem fails there: a rejected step, like one that lowers Q
-            new = None
-        if new is not None and float(new.value) >= float(hg.value) - eps(k) * (1 + float(hg.grad.norm())):
-            h, hg, v = candidate, new, new.info.get("v")
-            lipschitz *= 0.9
-        else:
-            lipschitz *= 2.0

@@ -121,10 +121,21 @@ def test_mnist_experiment_fast_mode(tmp_path):
 
 def test_experiment_bad_arguments(capsys):
     for argv, message in [
-        (["experiment", "mnist", "--pool", "3"], "--pool must divide 28, got 3"),
+        (["experiment", "mnist", "--pool", "3"], "argument --pool: invalid choice: 3"),
         (["experiment", "mnist", "--runs", "0"], "--runs must be >= 1, got 0"),
         (["experiment", "mnist", "--methods", "newton"], "unknown method 'newton'"),
     ]:
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_select_lists_the_choices(capsys):
+    for argv, message in [
+        (["select", "--objective", "evidence"], "argument --objective: invalid choice: 'evidence'"),
+        (["select", "--method", "newton"], "argument --method: invalid choice: 'newton'"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert message in err and ("laplace" in err or "ift-exact" in err)  # the choices are listed

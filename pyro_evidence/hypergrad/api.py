@@ -1,14 +1,43 @@
-"""One entry point for every hypergradient method."""
+"""One entry point for every hypergradient method, and the registry that says what each needs."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 from .greedy import GREEDY
 from .implicit import IMPLICIT, check_validation
 from .unrolled import UNROLLED
 
-__all__ = ["METHODS", "hypergradient"]
+__all__ = ["METHODS", "Method", "hypergradient"]
 
-METHODS = {**IMPLICIT, **GREEDY, **UNROLLED}
+
+@dataclass(frozen=True)
+class Method:
+    """
+    A hypergradient method ``fn(inner_loss, validation, θ, h, **options)`` and what a caller must hand it
+    besides (``needs``):
+
+    - ``"hessian"``: the dense inner Hessian at ``θ`` (``hessian=``, with ``jitter=``), which the inner
+      solve has already formed;
+    - ``"per_example"``: the per-example inner losses (``per_example=``);
+    - ``"trajectory"``: nothing — it runs the inner optimisation itself from ``θ`` (its ``θ_0``) and returns
+      the end point in ``info["theta"]``; it takes a minibatch loss as ``step_loss=``.
+    """
+
+    fn: Callable
+    needs: frozenset = frozenset()
+
+    def __call__(self, *args, **options):
+        return self.fn(*args, **options)
+
+
+METHODS = {
+    **{name: Method(fn) for name, fn in {**IMPLICIT, **GREEDY}.items()},
+    **{name: Method(fn, frozenset({"trajectory"})) for name, fn in UNROLLED.items()},
+}
+METHODS["ift-exact"] = Method(IMPLICIT["ift-exact"], frozenset({"hessian"}))
+METHODS["larsen"] = Method(IMPLICIT["larsen"], frozenset({"per_example"}))
 
 
 def hypergradient(inner_loss, validation, theta, h, method: str = "ift-exact", **options):
@@ -24,9 +53,15 @@ def hypergradient(inner_loss, validation, theta, h, method: str = "ift-exact", *
         ``damping``, ``x0`` for CG; ``alpha``, ``terms`` for Neumann; ``lr`` for T1–T2, greedy
         and DARTS; ``eps`` for DARTS; ``per_example`` for Larsen; ``hessian``, ``jitter`` for the
         dense solve; ``steps``, ``lr``, ``momentum``, ``step_loss``, ``last`` for the unrolled
-        methods, where ``theta`` is the starting point ``θ_0``).
+        methods, where ``theta`` is the starting point ``θ_0``). HOAG is an outer loop, not a
+        hypergradient: ``select_hyperparameters(method="hoag")``; its inner step is ``"ift-cg"``.
     :returns: :class:`~pyro_evidence.hypergrad.implicit.Hypergradient`.
     """
+    if method == "hoag":
+        raise ValueError(
+            "'hoag' is an outer loop (CG to a shrinking tolerance, an adaptive step with rejection), not a "
+            "hypergradient: use select_hyperparameters(method='hoag'), or method='ift-cg' here"
+        )
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
     if theta.dim() != 1 or h.dim() != 1:

@@ -21,8 +21,8 @@ method          ``v``                                            what it drops
 ``t1-t2``       ``η ∂Q/∂θ`` (``H⁻¹ ≈ ηI``)                         all curvature but one step's
 ``larsen``      ``(JᵀJ + δI)⁻¹ ∂Q/∂θ``, ``J`` the per-example      the second-order terms of ``H``
                 gradients (Gauss–Newton / outer product)
-``hoag``        CG to a tolerance that shrinks over the outer    early accuracy (Pedregosa 2016)
-                iterations, warm-started
+``hoag``        CG to a tolerance that shrinks over the outer    early accuracy (Pedregosa 2016); an
+                iterations, warm-started                         outer loop: ``select_hyperparameters``
 =============== ================================================ =====================================
 
 With ``objective="elbo"``, ``L = −Q``: at the inner optimum ``∂Q/∂θ = 0`` and every method
@@ -147,4 +147,4 @@ def check_validation(validation, theta, h):
         raise ValueError("the validation function depends on neither theta nor h: there is nothing to select")
 
 
-IMPLICIT = {"ift-exact": ift_exact, "ift-cg": ift_cg, "ift-neumann": ift_neumann, "t1-t2": t1_t2, "larsen": larsen, "hoag": ift_cg}
+IMPLICIT = {"ift-exact": ift_exact, "ift-cg": ift_cg, "ift-neumann": ift_neumann, "t1-t2": t1_t2, "larsen": larsen}

@@ -221,6 +221,21 @@ class CrossValidation:
     objective: CrossValidationObjective | None = field(default=None, repr=False)
 
 
+def _fit_folds(objective, h, vectorize, max_iter):
+    """Each fold's ``ŵ_q`` (shape ``(k, D)``) and its Hessian ``H_q`` (``(k, D, D)``; None above the dense limit),
+    all folds in one batched solve or one after another."""
+    problem, k = objective.problem, objective.k
+    if not vectorize:
+        fits = [minimize(objective.fold_loss(q, h), problem.theta_init, max_iter=max_iter) for q in range(k)]
+        blocks = torch.stack([f.hessian for f in fits]) if all(f.hessian is not None for f in fits) else None
+        return torch.stack([f.theta for f in fits]), blocks
+    m = objective.solve(h)
+    if m.hessian is None:
+        return m.theta.reshape(k, -1), None
+    d = problem.theta_dim  # the solve's Hessian is of the folds' mean: block q times k is H_q
+    return m.theta.reshape(k, -1), torch.stack([m.hessian[q * d : (q + 1) * d, q * d : (q + 1) * d] for q in range(k)]) * k
+
+
 def cv_log_predictive(
     model,
     *args,
@@ -255,18 +270,7 @@ def cv_log_predictive(
     problem = Problem(model, *args, model_kwargs=model_kwargs)
     objective = CrossValidationObjective(problem, k=k, stratify=stratify, seed=seed, max_iter=max_iter)
     h = problem.h_init
-    if vectorize_folds:
-        m = objective.solve(h)
-        theta, full = m.theta.reshape(k, -1), m.hessian
-        blocks = None
-        if full is not None:
-            d = problem.theta_dim
-            blocks = torch.stack([full[q * d : (q + 1) * d, q * d : (q + 1) * d] for q in range(k)]) * k
-    else:
-        fits = [minimize(objective.fold_loss(q, h), problem.theta_init, max_iter=max_iter) for q in range(k)]
-        theta = torch.stack([f.theta for f in fits])
-        blocks = torch.stack([f.hessian for f in fits]) if all(f.hessian is not None for f in fits) else None
-
+    theta, blocks = _fit_folds(objective, h, vectorize_folds, max_iter)
     _, rows = objective.fold_terms(theta.reshape(-1), h)
     if predictive == "laplace" and hessian != "exact":
         rows = _linearised_rows(problem, objective, theta, h, hessian, num_samples, seed)

@@ -28,6 +28,16 @@ def test_hypergradient_checks_its_arguments():
         hypergradient(f, f, torch.zeros(2), torch.zeros(1), method="ift-magic")
     with pytest.raises(ValueError, match="flat 1-D"):
         hypergradient(f, f, torch.zeros(2, 2), torch.zeros(1))
+    with pytest.raises(ValueError, match=r"outer loop.*select_hyperparameters\(method='hoag'\)"):
+        hypergradient(f, f, torch.zeros(2), torch.zeros(1), method="hoag")
+
+
+def test_the_registry_says_what_each_method_needs():
+    from pyro_evidence.hypergrad import METHODS
+
+    assert METHODS["ift-exact"].needs == {"hessian"} and METHODS["larsen"].needs == {"per_example"}
+    assert all(METHODS[m].needs == {"trajectory"} for m in ("forward", "rmad", "truncated", "drmad"))
+    assert all(not METHODS[m].needs for m in ("ift-cg", "ift-neumann", "t1-t2", "greedy", "darts"))
 
 
 @pytest.fixture(scope="module")

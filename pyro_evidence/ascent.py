@@ -1,0 +1,159 @@
+"""
+Outer loops: ascent on ``Q(θ*(h), h)`` in unconstrained ``h``.
+
+Each takes ``evaluate(h, **options)`` — the inner solve warm-started from the last ``θ*`` and a
+hypergradient, recorded in a :class:`~pyro_evidence.checkpoint.Progress` — and moves ``h``:
+
+- :func:`ascend`: L-BFGS with a strong-Wolfe line search (backing off from trial points where the
+  inner problem fails), Adam, or plain gradient ascent, checkpointing as it goes;
+- :func:`hoag`: Pedregosa's adaptive step with rejection and a shrinking CG tolerance;
+- :func:`coordinate_ascent`: Graves' alternation of the fit of ``q`` and the prior's closed-form update.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch.func import grad
+
+from .checkpoint import Best, Progress, Saver, Step
+from .optim import minimize
+
+__all__ = ["NonFinite", "SCHEDULES", "ascend", "coordinate_ascent", "hoag", "lbfgs_step", "outer_optimizer"]
+
+
+class NonFinite(Exception):
+    """An outer evaluation failed (a non-finite ``Q`` or ``dQ/dh``, an inner Hessian that is not positive
+    definite) after a good point was recorded; ``step`` is the evaluation's number."""
+
+    def __init__(self, step, reason):
+        super().__init__(step, reason)
+        self.step, self.reason = step, reason
+
+
+def outer_optimizer(name, h, lr, tol):
+    """The torch optimiser of an outer loop on ``h`` (which it minimises: the loops hand it ``−Q``)."""
+    if name == "lbfgs":
+        return torch.optim.LBFGS(
+            [h], lr=1.0 if lr is None else lr, max_iter=1, max_eval=25, tolerance_grad=tol,
+            tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe",
+        )
+    if name == "adam":
+        return torch.optim.Adam([h], lr=0.05 if lr is None else lr)
+    return torch.optim.SGD([h], lr=0.05 if lr is None else lr)  # h ← h + lr · dQ/dh
+
+
+def lbfgs_step(outer, closure, h, retries=4, shrink=0.1):
+    """One L-BFGS iteration that backs off from trial points where the inner problem fails.
+
+    The strong-Wolfe line search has no use for a point where ``Q`` cannot be evaluated (the
+    inner Hessian is not positive definite there, say), so such a trial ends the step: the
+    optimiser's state and ``h`` are restored and the iteration is repeated from a step ``shrink``
+    times shorter, up to ``retries`` times, before the failure ends the selection.
+    """
+    saved = copy.deepcopy(outer.state_dict())
+    start = h.detach().clone()
+    lr = outer.param_groups[0]["lr"]
+    try:
+        for attempt in range(retries + 1):
+            try:
+                return outer.step(closure)
+            except NonFinite:
+                if attempt == retries:
+                    raise
+                with torch.no_grad():
+                    h.copy_(start)
+                outer.load_state_dict(copy.deepcopy(saved))
+                outer.param_groups[0]["lr"] = lr * shrink ** (attempt + 1)
+    finally:
+        outer.param_groups[0]["lr"] = lr
+
+
+def ascend(optimizer, evaluate, h, lr, tol, max_steps, progress: Progress, saver: Saver):
+    """Ascent on ``Q`` one outer iteration at a time until ``max |dQ/dh| ≤ tol``, L-BFGS stalls, or
+    ``max_steps`` evaluations are recorded; checkpoints through ``saver`` (and resumes from it)."""
+    outer = outer_optimizer(optimizer, h, lr, tol)
+    done = saver.restore(h, outer, progress)
+
+    def closure():
+        hg = evaluate(h.detach())
+        h.grad = -hg.grad
+        return -hg.value.detach()
+
+    while len(progress.history) < max_steps:
+        before = h.detach().clone()
+        if optimizer == "lbfgs":
+            lbfgs_step(outer, closure, h)
+        else:
+            closure()
+        done += 1
+        saver.save(h, outer, progress, done)
+        if progress.cache is not None and float(progress.cache[1].grad.abs().max()) <= tol:
+            evaluate(h.detach())  # the converged point itself, for the record
+            break
+        if optimizer == "lbfgs" and torch.equal(before, h.detach()):
+            break  # L-BFGS stalled
+        if optimizer != "lbfgs":
+            outer.step()
+    saver.save(h, outer, progress, done, final=True)
+
+
+SCHEDULES = {
+    "exponential": lambda k: 0.1 * 0.9**k,
+    "quadratic": lambda k: 0.1 / (k + 1) ** 2,
+    "cubic": lambda k: 0.1 / (k + 1) ** 3,
+}
+
+
+def hoag(evaluate, h, max_steps, tol, schedule, lr):
+    """
+    HOAG (Pedregosa 2016, Algorithm 1), written for ascent on ``Q``: at outer step ``k`` the
+    linear system ``H v = ∂Q/∂θ`` is solved by CG to the tolerance ``ε_k`` of the schedule,
+    warm-started from the previous ``v``; the step ``h ← h + p_k / L`` is accepted when ``Q`` does
+    not fall by more than ``ε_k·(1 + ‖p_k‖)`` — then ``L ← 0.9 L`` — and rejected otherwise, or
+    where the inner problem fails there — then ``L ← 2 L`` and ``h`` stays.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown HOAG schedule {schedule!r}; use one of {sorted(SCHEDULES)}")
+    eps = SCHEDULES[schedule]
+    lipschitz = 1.0 / (0.05 if lr is None else lr)
+    hg = evaluate(h, tol=eps(0))
+    v = hg.info.get("v")
+    for k in range(1, max_steps):
+        if float(hg.grad.abs().max()) <= tol:
+            return
+        candidate = h + hg.grad / lipschitz
+        try:
+            new = evaluate(candidate, tol=eps(k), x0=v)
+        except NonFinite:
+            new = None
+        if new is not None and float(new.value) >= float(hg.value) - eps(k) * (1 + float(hg.grad.norm())):
+            h, hg, v = candidate, new, new.info.get("v")
+            lipschitz *= 0.9
+        else:
+            lipschitz *= 2.0
+
+
+def coordinate_ascent(obj, h, progress: Progress, max_steps, tol, start, on_step=None):
+    """Graves (2011): alternate the fit of q (``θ ← argmin_θ L``) with the prior update
+    ``h ← argmax_h Q(θ, h)``. Neither half lowers ``Q``; stops at the fixed point."""
+    problem = obj.problem
+    theta = obj.theta_init
+    for _ in range(max_steps):
+        theta = obj.solve(h, theta).theta
+        m = minimize(lambda h_: -obj.validation(theta, h_), h)
+        h_new, value = m.theta, -m.loss
+        gmax = float(grad(obj.validation, argnums=1)(theta, h_new).abs().max())
+        moved = float((h_new - h).abs().max())
+        h = h_new
+        hp = {k: v.detach().clone() for k, v in problem.params(h).items()}
+        progress.history.append(Step(float(value), hp, gmax, time.perf_counter() - start))
+        progress.best = Best(float(value), h.clone(), theta, value.detach(), gmax)  # Q never falls
+        if on_step is not None:
+            on_step(float(value), step=moved)
+        if moved <= tol:
+            progress.fixed_point = True
+            break
+    progress.theta = theta

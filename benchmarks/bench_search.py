@@ -21,7 +21,7 @@ import pyro
 import torch
 from sklearn.datasets import load_breast_cancer
 
-from pyro_evidence import select_hyperparameters
+from pyro_evidence import SearchOptions, select_hyperparameters
 from pyro_evidence.datasets import mnist, standardize
 from pyro_evidence.models import logistic_regression
 
@@ -52,7 +52,7 @@ def run(model, args, method, trials, steps):
         warnings.simplefilter("ignore")
         if method in ("random", "grid", "gp"):
             kw = {"n_trials": trials} if method != "grid" else {"grid": {"prior_precision": torch.logspace(-3, 3, trials).tolist()}}
-            sel = select_hyperparameters(model, *args, method=method, seed=0, **kw, **options)
+            sel = select_hyperparameters(model, *args, method=method, search=SearchOptions(seed=0, **kw), **options)
         else:
             sel = select_hyperparameters(model, *args, method=method, max_steps=steps, optimizer="adam", lr=0.3, **options)
     total = time.perf_counter() - start

@@ -15,17 +15,21 @@ from .compare import compare_models, to_inference_data
 from .problem import Problem
 from .pruning import graves_ratio, prune
 from .sequential import sequential_log_predictive
+from .checkpoint import Checkpoint
+from .search import SearchOptions
 from .select import Selection, Step, select_hyperparameters
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpoint",
     "CrossValidation",
     "ElboEvidence",
     "Hypergradient",
     "LaplaceEvidence",
     "NotPositiveDefiniteError",
     "Problem",
+    "SearchOptions",
     "Selection",
     "Step",
     "compare_models",

@@ -20,7 +20,7 @@ import torch
 
 from .util import mismatch
 
-__all__ = ["Best", "CheckpointLock", "Progress", "Saver", "Step", "check_path", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Best", "Checkpoint", "CheckpointLock", "Progress", "Saver", "Step", "check_path", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "pyro-evidence/checkpoint/2"
 
@@ -189,6 +189,30 @@ def load_checkpoint(path, h, outer, progress: Progress, problem, key):
     progress.best = Best(value, best["h"].to(**kw), best["theta"].to(**kw), torch.tensor(value, **kw),
                          float(best["grad_norm"]))
     return int(payload["done"])
+
+
+@dataclass
+class Checkpoint:
+    """
+    Persistence of a gradient-based selection (``select_hyperparameters(checkpoint=...)``; a path alone is
+    shorthand for ``Checkpoint(path)``).
+
+    :ivar str path: the file to which ``h``, the outer optimiser's state, the warm-start ``θ``, the best ``h``
+        with its own ``θ``, the history and a fingerprint of the problem are written (write, then rename),
+        while a lock beside it (``<path>.lock``) keeps other processes from writing it.
+    :ivar int every: write it every this many outer steps (and at the end).
+    :ivar bool resume: continue from it (refused for another model, data, objective, method or optimizer).
+    :ivar bool overwrite: replace an existing file with a new run (otherwise refused).
+    """
+
+    path: str
+    every: int = 1
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
+            raise ValueError(f"checkpoint_every must be a positive int, got {self.every!r}")
 
 
 @dataclass

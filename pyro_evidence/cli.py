@@ -178,27 +178,25 @@ def _cases():
 
 def select(argv_args, out=sys.stdout):
     """``pyro-evidence select``: one selection on a reference model and built-in data."""
-    from . import select_hyperparameters
+    from . import Checkpoint, SearchOptions, select_hyperparameters
+    from .search import SEARCH_METHODS
 
     description, model, load = _cases()[argv_args.case]
     args = load(argv_args.device)
+    a = argv_args
+    search, checkpoint = None, None
+    if a.method in SEARCH_METHODS:  # the search's options only where a search runs, as the library asks
+        search = SearchOptions(n_trials=a.n_trials, storage=a.storage, study_name=a.study_name, seed=a.seed)
+    elif a.n_trials is not None or a.storage is not None or a.study_name is not None:
+        raise ValueError("--n-trials, --storage and --study-name are options of the black-box search (--method grid | random | gp)")
+    if a.checkpoint is not None:
+        checkpoint = Checkpoint(a.checkpoint, resume=a.resume, overwrite=a.overwrite)
+    elif a.resume:
+        raise ValueError("--resume needs --checkpoint (the file to resume from)")
     start = time.perf_counter()
     with isolated_params(clear=True):
-        sel = select_hyperparameters(
-            model,
-            *args,
-            objective=argv_args.objective,
-            method=argv_args.method,
-            max_steps=argv_args.max_steps,
-            n_trials=argv_args.n_trials,
-            storage=argv_args.storage,
-            study_name=argv_args.study_name,
-            seed=argv_args.seed,
-            checkpoint=argv_args.checkpoint,
-            resume=argv_args.resume,
-            overwrite=argv_args.overwrite,
-            progress=None if argv_args.progress else False,
-        )
+        sel = select_hyperparameters(model, *args, objective=a.objective, method=a.method, max_steps=a.max_steps,
+                                     search=search, checkpoint=checkpoint, progress=None if a.progress else False)
     seconds = time.perf_counter() - start
     print(f"{description}: objective={argv_args.objective}, method={argv_args.method}", file=out)
     print(f"{'hyperparameter':>20}  value", file=out)

@@ -157,7 +157,7 @@ def compare_models(
                     "their evidences cannot be compared"
                 )
             if select:
-                select_hyperparameters(model, *data, model_kwargs=kwargs, progress=False, hessian=hessian)
+                select_hyperparameters(model, *data, model_kwargs=kwargs, progress=False, objective_options={"hessian": hessian})
             lap = laplace_evidence(model, *data, model_kwargs=kwargs, hessian=hessian)
             row = {"log_evidence": float(lap.log_evidence)}
             if elbo:

@@ -172,18 +172,20 @@ class Setup:
             pyro.param(name, torch.tensor(value, dtype=dtype, device=device), constraint=constraints.positive)
 
     def select(self, method, objective, seed, iterations, lr):
+        from .search import SearchOptions
         from .select import select_hyperparameters
 
         self.start(seed)
         common = dict(
             objective=objective, hyperparameters=list(self.hyperparameters), progress=False, max_steps=iterations,
-            model_kwargs=self.model_kwargs, inner_max_iter=self.inner_max_iter,
-            objective_options=self.objective_options.get(objective), init_loc_fn=self.init_loc_fn,
-            hessian=self.hessian if objective == "laplace" else "exact",
+            model_kwargs=self.model_kwargs, init_loc_fn=self.init_loc_fn,
+            objective_options={"max_iter": self.inner_max_iter, **(self.objective_options.get(objective) or {}),
+                               **({"hessian": self.hessian} if objective == "laplace" else {})},
         )
         if method == "random":
             bounds = {name: (math.exp(self.init[0]), math.exp(self.init[1])) for name in self.hyperparameters}
-            return select_hyperparameters(self.model, *self.args, method="random", n_trials=iterations, seed=seed, bounds=bounds, **common)
+            search = SearchOptions(n_trials=iterations, seed=seed, bounds=bounds)
+            return select_hyperparameters(self.model, *self.args, method="random", search=search, **common)
         options = dict(self.unrolled) if method in UNROLLED else {}
         if method == "truncated":
             options["last"] = 20

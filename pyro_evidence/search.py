@@ -42,6 +42,7 @@ import os
 import socket
 import time
 import warnings
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -49,6 +50,7 @@ from .linalg import NotPositiveDefiniteError
 from .util import digest, fingerprint, mismatch
 
 __all__ = [
+    "SearchOptions",
     "search", "SearchInterrupted", "default_bounds", "GRID_MAX_ELEMENTS", "ORPHAN_GRACE_SECONDS", "open_storage", "history_of",
     "SEARCH_METHODS",
 ]
@@ -263,6 +265,42 @@ def _check_fingerprint(study, key, name):
             "for a different problem; give another study_name= (or leave it out: the default name is derived "
             "from the problem)"
         )
+
+
+@dataclass
+class SearchOptions:
+    """
+    Options of the black-box search (``select_hyperparameters(method="grid" | "random" | "gp", search=...)``).
+
+    :ivar int n_trials: the study's completed trials in all, however many processes share it (default the
+        selection's ``max_steps``; for ``grid`` the whole grid).
+    :ivar dict bounds: ``{name: (low, high)}`` in constrained values; the search box is their image in
+        unconstrained space (log scale for positive parameters); default four decades either side of the
+        initial value.
+    :ivar dict grid: explicit grid points ``{name: [values]}``; without it a grid of 10 points per element is
+        built, for at most 3 elements.
+    :ivar storage: an Optuna storage URL (``sqlite:///study.db``, ``postgresql://…``) or a journal file path:
+        the study persists there, resumes after a kill and is shared by every process using it.
+    :ivar str study_name: the study's name in the storage; default a name derived from the problem's
+        fingerprint. A study made for another model, data, objective or method is refused.
+    :ivar int seed: the samplers' seed.
+    """
+
+    n_trials: int | None = None
+    bounds: dict | None = None
+    grid: dict | None = None
+    storage: object = None
+    study_name: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        n = self.n_trials
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"n_trials must be a positive int, got {n!r}")
+
+    def given(self) -> list:
+        """The names of the options set to other than their defaults."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != f.default]
 
 
 def search(obj, method, *, n_trials, bounds=None, grid=None, grid_points=10, storage=None, study_name=None, seed=0, on_trial=None):

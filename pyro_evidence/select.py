@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,14 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .ascent import NonFinite, ascend, coordinate_ascent, hoag
-from .checkpoint import Best, CheckpointLock, Progress, Saver, Step, check_path
+from .checkpoint import Best, Checkpoint, CheckpointLock, Progress, Saver, Step, check_path
 from .hypergrad import METHODS
 from .hypergrad.implicit import check_validation
 from .hypergrad.unrolled import UNROLLED
 from .linalg import NotPositiveDefiniteError
 from .objectives import OBJECTIVES
 from .problem import Problem
-from .search import SEARCH_METHODS, SearchInterrupted, history_of, search
+from .search import SEARCH_METHODS, SearchInterrupted, SearchOptions, history_of, search
 from .util import fingerprint
 
 __all__ = ["Selection", "Step", "select_hyperparameters"]
@@ -71,147 +72,133 @@ def _check_choice(kind, value, choices):
 
 
 def select_hyperparameters(
-    model,
-    *args,
-    objective: str = "laplace",
-    method: str = "ift-exact",
-    hyperparameters=None,
-    model_kwargs: dict | None = None,
-    optimizer: str | None = None,
-    max_steps: int = 100,
-    lr: float | None = None,
-    tol: float | None = None,
-    progress: bool | None = None,
-    jitter: float = 0.0,
-    hessian: str = "exact",
-    inner_max_iter: int = 500,
-    objective_options: dict | None = None,
-    method_options: dict | None = None,
-    n_trials: int | None = None,
-    bounds: dict | None = None,
-    grid: dict | None = None,
-    storage=None,
-    study_name: str | None = None,
-    seed: int = 0,
-    checkpoint: str | None = None,
-    checkpoint_every: int = 1,
-    resume: bool = False,
-    overwrite: bool = False,
-    init_loc_fn=None,
+    model, *args, objective: str = "laplace", method: str = "ift-exact", hyperparameters=None,
+    model_kwargs: dict | None = None, init_loc_fn=None, optimizer: str | None = None, lr: float | None = None,
+    max_steps: int = 100, tol: float | None = None, progress: bool | None = None, objective_options: dict | None = None,
+    method_options: dict | None = None, search: SearchOptions | dict | None = None,
+    checkpoint: Checkpoint | str | None = None, **deprecated,
 ) -> Selection:
     """
     Selects the ``pyro.param`` hyperparameters of a Pyro model by maximising an objective.
 
     :param model: a Pyro model whose prior takes its hyperparameters from ``pyro.param``.
-    :param args: the data: tensors sharing their first dimension, on the device and in the dtype
-        the computation should use.
-    :param str objective: ``"laplace"`` — the Laplace log evidence; ``"elbo"`` — the ELBO of a
-        diagonal Gaussian posterior (``θ`` = its means and unconstrained scales, fitted for each
-        ``h``); ``"cv"`` — k-fold cross-validation (seed eq. (1)); ``"holdout"`` — a validation
-        set (``objective_options={"validation": (X_val, y_val)}`` or a fraction).
-    :param str method: the hypergradient method: ``"ift-exact"`` (dense Hessian, the exact
-        total derivative ``∂Q/∂h − (∂²L/∂h∂θ)ᵀ H⁻¹ ∂Q/∂θ``, third derivatives of the Laplace log-det
-        included), ``"ift-cg"``, ``"ift-neumann"``, ``"t1-t2"``, ``"larsen"``, ``"greedy"``,
-        ``"darts"``, and through the inner trajectory ``"forward"``, ``"rmad"``, ``"truncated"``,
-        ``"drmad"`` (momentum SGD from the previous ``θ``; ``method_options`` take ``steps``,
-        ``lr``, ``momentum``, ``batch_size``) (see :mod:`pyro_evidence.hypergrad`); ``"hoag"`` — Pedregosa's algorithm: CG to a
-        tolerance that shrinks with the outer iterations, warm starts, and an adaptive ascent step
-        with rejection; ``"graves"`` (ELBO only) — coordinate ascent alternating the fit of ``q``
-        with ``h ← argmax_h ELBO(q, h)``, Graves' closed form for a Gaussian prior.
+    :param args: the data: tensors sharing their first dimension, on the device and in the dtype to use.
+    :param str objective: ``"laplace"`` (the Laplace log evidence), ``"elbo"`` (a diagonal Gaussian
+        posterior's ELBO), ``"cv"`` (k-fold cross-validation) or ``"holdout"``; see :data:`OBJECTIVES`.
+    :param str method: a hypergradient method of :data:`~pyro_evidence.hypergrad.METHODS` (``"ift-exact"``,
+        ``"ift-cg"``, …, ``"drmad"``), an outer loop (``"hoag"``; ``"graves"``, ELBO only) or a black-box
+        search (``"grid"``, ``"random"``, ``"gp"``). The README's method table says what each drops.
     :param hyperparameters: names of the param sites to select (default: all of the model's).
     :param dict model_kwargs: keyword arguments for the model.
-    :param str optimizer: ``"lbfgs"`` (quasi-Newton with strong-Wolfe line search; the default for
-        the exact methods ``ift-exact`` and ``ift-cg``), ``"adam"`` (gradient ascent with step
-        ``lr``, default 0.05; the default for the approximate methods, whose gradients a line
-        search cannot trust), or ``"sgd"`` (plain gradient ascent ``h ← h + lr·dQ/dh``).
+    :param callable init_loc_fn: Pyro's init strategy for the first inner solve's start (a network needs a
+        random one, e.g. ``functools.partial(init_to_uniform, radius=0.05)``).
+    :param str optimizer: the outer loop: ``"lbfgs"`` (default for ``ift-exact`` and ``ift-cg``), ``"adam"``
+        (default for the approximate methods, whose gradients a line search cannot trust) or ``"sgd"``.
+    :param float lr: the outer step (Adam/SGD 0.05; L-BFGS 1, its line search's first trial; HOAG ``1/L₀``).
     :param int max_steps: outer evaluations at most.
-    :param float tol: stop when ``max |dQ/dh| ≤ tol`` (unconstrained ``h``); default 1e-6 in
-        float64, ``10√ε`` in lower precision.
+    :param float tol: stop at ``max |dQ/dh| ≤ tol`` (unconstrained ``h``); default 1e-6 in float64.
     :param progress: show a tqdm bar; default: only in a terminal.
-    :param float jitter: added to the inner Hessian's diagonal where the objective uses it.
-    :param str hessian: ``objective="laplace"``: the curvature whose ``log det`` the evidence uses — ``"exact"``,
-        ``"ggn"``, ``"diag"`` or ``"kron"`` (see :func:`~pyro_evidence.laplace_evidence`;
-        ``objective_options={"logdet": "slq"}`` for the matrix-free route). The hypergradient differentiates the
-        evidence of that curvature, its ``θ̂``-dependence included.
-    :param int inner_max_iter: L-BFGS iterations of each inner solve at most.
-    :param dict objective_options: passed to the objective, e.g. ``{"num_particles": 128}`` for
-        the ELBO, ``{"k": 10, "stratify": labels}`` for CV.
-    :param dict method_options: passed to the method, e.g. ``{"tol": 1e-8}`` for CG,
-        ``{"terms": 100}`` for Neumann, ``{"lr": 1e-3}`` for T1–T2, greedy and DARTS;
-        for HOAG ``{"schedule": "exponential" | "quadratic" | "cubic"}``.
-    :param int n_trials: black-box search (``method="grid" | "random" | "gp"``, on Optuna): the
-        study's completed trials in all, however many processes share it (default ``max_steps``;
-        for ``grid`` the whole grid).
-    :param dict bounds: ``{name: (low, high)}`` in constrained values; the search box is their
-        image in unconstrained space (log scale for positive parameters); default four decades
-        either side of the initial value.
-    :param dict grid: explicit grid points ``{name: [values]}``; without it a grid of 10 points per
-        element is built, for at most 3 elements.
-    :param storage: an Optuna storage URL (``sqlite:///study.db``) or a journal file path: the
-        study persists there, resumes after a kill and is shared by every process using it.
-    :param str study_name: the study's name in the storage; default a name derived from the
-        problem's fingerprint. A study made for another model, data, objective or method is refused.
-    :param int seed: the samplers' seed.
-    :param str checkpoint: gradient-based methods: a file to which ``h``, the outer optimiser's
-        state, the warm-start ``θ``, the best ``h`` with its own ``θ``, the history and a
-        fingerprint of the problem are written every ``checkpoint_every`` outer steps (write, then
-        rename), while a lock beside it (``<checkpoint>.lock``) keeps other processes from writing
-        it. ``resume=True`` continues from it (refused for another model, data, objective, method
-        or optimizer); an existing checkpoint is replaced only with ``overwrite=True``.
-    :param callable init_loc_fn: Pyro's init strategy for the first inner solve's starting point
-        (see :class:`~pyro_evidence.problem.Problem`); a neural network needs a random one, e.g.
-        ``functools.partial(pyro.infer.autoguide.init_to_uniform, radius=0.05)``.
+    :param dict objective_options: the objective's own: ``{"hessian": "kron", "logdet": "slq", "jitter": …}``
+        for the Laplace evidence, ``{"num_particles": 128}`` for the ELBO, ``{"k": 10, "stratify": labels}`` for
+        CV; ``"max_iter"`` (500) bounds each inner solve's L-BFGS iterations.
+    :param dict method_options: the method's, e.g. ``{"tol": 1e-8}`` for CG, ``{"terms": 100}`` for Neumann,
+        ``{"schedule": "cubic"}`` for HOAG.
+    :param search: :class:`~pyro_evidence.search.SearchOptions` (or a dict of them) of a black-box search:
+        trials, box, grid, storage shared between processes, study name, seed.
+    :param checkpoint: :class:`~pyro_evidence.checkpoint.Checkpoint` (or its path) of a gradient-based
+        selection: written as it goes, resumed with ``resume=True``, locked against a second writer.
     :rtype: Selection
     """
+    search, checkpoint, objective_options = _regroup(deprecated, objective, search, checkpoint, objective_options)
+    method_options = dict(method_options or {})
+    optimizer = _check_arguments(objective, method, optimizer, lr, max_steps, search, checkpoint, objective_options,
+                                 method_options)
+    problem = Problem(model, *args, model_kwargs=model_kwargs, hyperparameters=hyperparameters,
+                      require_hyperparameters=True, init_loc_fn=init_loc_fn)
+    obj = OBJECTIVES[objective](problem, **objective_options)
+    tol = max(1e-6, 10 * torch.finfo(problem.dtype).eps ** 0.5) if tol is None else tol
+    bar = tqdm(total=max_steps, desc=f"select ({objective}, {method})", disable=None if progress is None else not progress)
+    if method in SEARCH_METHODS:
+        return _black_box(obj, problem, method, search, max_steps, bar, objective, tol)
+    return _gradient(obj, objective, method, optimizer, lr, tol, max_steps, objective_options, method_options, checkpoint, bar)
+
+
+def _gradient(obj, objective, method, optimizer, lr, tol, max_steps, objective_options, method_options, checkpoint, bar):
+    """A gradient-based selection: one evaluator handed to the method's outer loop."""
+    problem = obj.problem
+    schedule = method_options.pop("schedule", "quadratic") if method == "hoag" else None
+    # HOAG's step is a CG solve to its schedule's tolerance; Graves' update needs no hypergradient
+    evaluate = _Evaluator(obj, {"hoag": "ift-cg", "graves": None}.get(method, method), method_options,
+                          objective_options.get("jitter", 0.0), bar)
+    keyed = {k: v for k, v in objective_options.items() if k not in _SOLVER_OPTIONS}
+    key = fingerprint(problem, objective=objective, method=method, optimizer=optimizer, objective_options=keyed,
+                      **getattr(obj, "key", {}))
+    saver = Saver(None) if checkpoint is None else Saver(checkpoint.path, checkpoint.every, checkpoint.resume, key, problem)
+    stopped = _run(method, evaluate, obj, optimizer, lr, tol, max_steps, schedule, saver, bar)
+    return _selection(evaluate.progress, problem, objective, method, tol, stopped)
+
+
+# objective options that were keywords of select_hyperparameters, kept out of the run's fingerprint as they were
+_SOLVER_OPTIONS = ("max_iter", "jitter", "hessian")
+_DEPRECATED = {
+    **{name: "search" for name in ("n_trials", "bounds", "grid", "storage", "study_name", "seed")},
+    **{name: "checkpoint" for name in ("checkpoint_every", "resume", "overwrite")},
+    "jitter": "objective_options", "hessian": "objective_options", "inner_max_iter": "objective_options",
+}
+
+
+def _regroup(deprecated, objective, search, checkpoint, objective_options):
+    """The options in their groups: ``search`` and ``checkpoint`` as their classes, the objective's options as a
+    dict; the flat keywords of earlier versions moved into them with a ``FutureWarning``."""
+    unknown = sorted(set(deprecated) - set(_DEPRECATED))
+    if unknown:
+        raise TypeError(f"select_hyperparameters() got an unexpected keyword argument {unknown[0]!r}")
+    if deprecated:
+        moves = "; ".join(f"{name}= in {_DEPRECATED[name]}=" for name in deprecated)
+        warnings.warn(f"select_hyperparameters({', '.join(f'{n}=…' for n in deprecated)}) is deprecated: pass {moves} "
+                      "instead (see the README's search and persistence sections)", FutureWarning, stacklevel=3)
+    objective_options = dict(objective_options or {})
+    for old, new in (("jitter", "jitter"), ("hessian", "hessian"), ("inner_max_iter", "max_iter")):
+        if old in deprecated:
+            if old != "inner_max_iter" and objective != "laplace":
+                raise ValueError(f"{old}= is an option of objective='laplace'; objective={objective!r} would ignore it")
+            _positive_int(old, deprecated[old]) if old == "inner_max_iter" else None
+            objective_options.setdefault(new, deprecated[old])
+    if "max_iter" in objective_options:
+        _positive_int("objective_options 'max_iter'", objective_options["max_iter"])
+    fields = {n: deprecated[n] for n in _DEPRECATED if _DEPRECATED[n] == "search" and n in deprecated}
+    if fields or isinstance(search, dict):
+        search = SearchOptions(**{**(search if isinstance(search, dict) else {}), **fields})
+    persist = {n.replace("checkpoint_", ""): deprecated[n] for n in ("checkpoint_every", "resume", "overwrite") if n in deprecated}
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = Checkpoint(os.fspath(checkpoint), **persist)
+    elif checkpoint is None and persist.get("resume"):
+        raise ValueError("resume=True needs checkpoint= (the file to resume from)")
+    return search, checkpoint, objective_options
+
+
+def _positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_arguments(objective, method, optimizer, lr, max_steps, search, checkpoint, objective_options, method_options):
+    """Refuses a bad or ignored argument with a message that names it; returns the outer optimiser's name."""
     _check_choice("objective", objective, OBJECTIVES)
     _check_choice("method", method, {**METHODS, "graves": None, "hoag": None, **dict.fromkeys(SEARCH_METHODS)})
     if method == "graves" and objective != "elbo":
         raise ValueError(
-            f"method='graves' is the closed-form prior update of the ELBO; it needs "
-            f"objective='elbo', not {objective!r}"
+            f"method='graves' is the closed-form prior update of the ELBO; it needs objective='elbo', not {objective!r}"
         )
-    _check_ignored(method, objective, optimizer=optimizer, lr=lr, jitter=jitter, hessian=hessian, n_trials=n_trials, bounds=bounds,
-                   grid=grid, storage=storage, study_name=study_name, checkpoint=checkpoint, resume=resume,
-                   overwrite=overwrite)
-    if optimizer is None:
-        optimizer = "lbfgs" if method in ("ift-exact", "ift-cg") else "adam"
+    _check_ignored(method, objective, optimizer, lr, search, checkpoint)
+    optimizer = optimizer or ("lbfgs" if method in ("ift-exact", "ift-cg") else "adam")
     _check_choice("optimizer", optimizer, ("lbfgs", "adam", "sgd"))
-    for name, value in (("max_steps", max_steps), ("checkpoint_every", checkpoint_every), ("inner_max_iter", inner_max_iter)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if n_trials is not None and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
-        raise ValueError(f"n_trials must be a positive int, got {n_trials!r}")
-    method_options = dict(method_options or {})
-    objective_options = dict(objective_options or {})
+    _positive_int("max_steps", max_steps)
     _check_options("objective_options", objective_options, OBJECTIVES[objective], f"objective {objective!r}")
     _check_method_options(method, method_options)
-    problem = Problem(
-        model,
-        *args,
-        model_kwargs=model_kwargs,
-        hyperparameters=hyperparameters,
-        require_hyperparameters=True,
-        init_loc_fn=init_loc_fn,
-    )
-    options = {"max_iter": inner_max_iter, **objective_options}
-    if objective == "laplace":
-        options.update(jitter=jitter, hessian=hessian)
-    obj = OBJECTIVES[objective](problem, **options)
-    if tol is None:
-        tol = max(1e-6, 10 * torch.finfo(problem.dtype).eps ** 0.5)
-    bar = tqdm(total=max_steps, desc=f"select ({objective}, {method})", disable=None if progress is None else not progress)
-    if method in SEARCH_METHODS:
-        return _black_box(obj, problem, method, n_trials if n_trials is not None else (None if method == "grid" else max_steps),
-                          bounds, grid, storage, study_name, seed, bar, time.perf_counter(), objective, tol)
-    schedule = method_options.pop("schedule", "quadratic") if method == "hoag" else None
-    # HOAG's step is a CG solve to its schedule's tolerance; Graves' update needs no hypergradient
-    evaluate = _Evaluator(obj, {"hoag": "ift-cg", "graves": None}.get(method, method), method_options, jitter, bar)
-    key = fingerprint(problem, objective=objective, method=method, optimizer=optimizer, objective_options=objective_options,
-                      **getattr(obj, "key", {}))
-    check_path(checkpoint, resume, overwrite)
-    saver = Saver(checkpoint, checkpoint_every, resume, key, problem)
-    stopped = _run(method, evaluate, obj, optimizer, lr, tol, max_steps, schedule, saver, bar)
-    return _selection(evaluate.progress, problem, objective, method, tol, stopped)
+    if checkpoint is not None:
+        check_path(checkpoint.path, checkpoint.resume, checkpoint.overwrite)
+    return optimizer
 
 
 def _run(method, evaluate, obj, optimizer, lr, tol, max_steps, schedule, saver, bar):
@@ -319,31 +306,21 @@ class _Evaluator:
         self.bar.set_postfix(Q=f"{value:.6g}", **{k: f"{v:.2g}" for k, v in postfix.items()})
 
 
-_SEARCH_ONLY = ("n_trials", "bounds", "grid", "storage", "study_name")
-
-
-def _check_ignored(method, objective, **given):
-    """Refuses an option that the chosen method or objective would silently ignore."""
-    search = method in SEARCH_METHODS
+def _check_ignored(method, objective, optimizer, lr, search, checkpoint):
+    """Refuses an option that the chosen method would silently ignore."""
     ignored = []
-    if not search:
-        ignored += [(n, "the black-box search (method='grid' | 'random' | 'gp')") for n in _SEARCH_ONLY if given[n] is not None]
+    if method not in SEARCH_METHODS:
+        given = search.given() if search is not None else []
+        ignored += [(n, "the black-box search (method='grid' | 'random' | 'gp')") for n in given]
     else:
-        ignored += [(n, "the gradient methods") for n in ("optimizer", "lr", "checkpoint") if given[n] is not None]
-        ignored += [(n, "the gradient methods") for n in ("resume", "overwrite") if given[n]]
+        ignored += [(n, "the gradient methods") for n, v in (("optimizer", optimizer), ("lr", lr), ("checkpoint", checkpoint))
+                    if v is not None]
     if method in ("hoag", "graves"):
         why = "HOAG's adaptive step" if method == "hoag" else "Graves' closed-form update"
-        ignored += [(n, f"the L-BFGS/Adam/SGD outer loop; {why} has its own loop") for n in ("optimizer", "checkpoint")
-                    if given[n] is not None]
-        ignored += [(n, "the L-BFGS/Adam/SGD outer loop") for n in ("resume", "overwrite") if given[n]]
-    if method == "graves" and given["lr"] is not None:
+        ignored += [(n, f"the L-BFGS/Adam/SGD outer loop; {why} has its own loop")
+                    for n, v in (("optimizer", optimizer), ("checkpoint", checkpoint)) if v is not None]
+    if method == "graves" and lr is not None:
         ignored.append(("lr", "the gradient steps (Graves' update is an exact maximisation)"))
-    if given["jitter"] and objective != "laplace":
-        ignored.append(("jitter", "objective='laplace'"))
-    if given["hessian"] != "exact" and objective != "laplace":
-        ignored.append(("hessian", "objective='laplace'"))
-    if given["resume"] and given["checkpoint"] is None and not ignored:
-        raise ValueError("resume=True needs checkpoint= (the file to resume from)")
     if ignored:
         name, owner = ignored[0]
         raise ValueError(f"{name}= is an option of {owner}; method={method!r} with objective={objective!r} would ignore it")
@@ -356,7 +333,7 @@ def _check_options(label, options, fn, owner, skip=0, extra=()):
     accepted = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} | set(extra)
     if isinstance(fn, type):  # an objective: its own options and the inner solver's (Objective.__init__)
         accepted |= {"max_iter", "tol"}
-        accepted -= {"self", "problem", "jitter", "hessian"}  # select_hyperparameters' own keywords
+        accepted -= {"self", "problem"}
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(f"{label} {unknown[0]!r} is not an option of {owner}; its options are {sorted(accepted)}")
@@ -384,9 +361,11 @@ def _check_method_options(method, options):
     _check_options("method_options", options, METHODS[method].fn, f"method {method!r}", skip=4, extra=extra)
 
 
-def _black_box(obj, problem, method, n_trials, bounds, grid, storage, study_name, seed, bar, start, objective, tol):
+def _black_box(obj, problem, method, options, max_steps, bar, objective, tol):
     """Optuna search; the result is a Selection like the gradient methods'. Ctrl-C returns the best
     completed trial so far (with a warning), as the gradient loops do."""
+    options = options or SearchOptions()
+    n_trials = options.n_trials if options.n_trials is not None else (None if method == "grid" else max_steps)
     if n_trials is not None:
         bar.total = n_trials
 
@@ -396,7 +375,8 @@ def _black_box(obj, problem, method, n_trials, bounds, grid, storage, study_name
 
     interrupted = False
     try:
-        study = search(obj, method, n_trials=n_trials, bounds=bounds, grid=grid, storage=storage, study_name=study_name, seed=seed, on_trial=on_trial)
+        study = search(obj, method, n_trials=n_trials, bounds=options.bounds, grid=options.grid, storage=options.storage,
+                       study_name=options.study_name, seed=options.seed, on_trial=on_trial)
     except SearchInterrupted as e:
         study, interrupted = e.study, True
     finally:

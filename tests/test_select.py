@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.linear_model import BayesianRidge
 
-from pyro_evidence import NotPositiveDefiniteError, Selection, laplace_evidence, select_hyperparameters
+from pyro_evidence import Checkpoint, NotPositiveDefiniteError, SearchOptions, Selection, laplace_evidence, select_hyperparameters
 from pyro_evidence.datasets import diabetes
 from pyro_evidence.models import linear_regression, polynomial_regression
 from pyro_evidence.objectives.base import Objective
@@ -284,3 +284,49 @@ def test_hoag_rejects_a_step_to_where_the_inner_problem_fails(monkeypatch):
     assert failed and len(sel.history) + len(failed) == 10  # it went on after each failure, to the last step
     assert all(float(s.hyperparameters["prior_precision"]) <= 1.2 for s in sel.history)
     assert float(sel.objective) > sel.history[0].objective
+
+
+def test_grouped_options_and_the_flat_keywords_they_replace(tmp_path):
+    X, y = diabetes()
+    grouped = select_hyperparameters(linear_regression, X, y, method="random", progress=False,
+                                     search=SearchOptions(n_trials=6, seed=3, bounds={"prior_precision": (1.0, 100.0)}))
+    pyro.clear_param_store()  # each selection writes its result back: start every one from the same point
+    as_dict = select_hyperparameters(linear_regression, X, y, method="random", progress=False,
+                                     search={"n_trials": 6, "seed": 3, "bounds": {"prior_precision": (1.0, 100.0)}})
+    pyro.clear_param_store()
+    with pytest.warns(FutureWarning, match=r"\(n_trials=…, seed=…, bounds=…\) is deprecated: pass n_trials= in search="):
+        flat = select_hyperparameters(linear_regression, X, y, method="random", progress=False, n_trials=6, seed=3,
+                                      bounds={"prior_precision": (1.0, 100.0)})
+    assert len(grouped.history) == 6
+    for other in (as_dict, flat):  # the same trials: the same sampler, seed and box
+        assert [s.objective for s in other.history] == [s.objective for s in grouped.history]
+
+    path = str(tmp_path / "run.pt")
+    pyro.clear_param_store()
+    sel = select_hyperparameters(linear_regression, X, y, max_steps=4, progress=False, checkpoint=Checkpoint(path, every=2))
+    pyro.clear_param_store()
+    with pytest.warns(FutureWarning, match="checkpoint_every"):
+        again = select_hyperparameters(linear_regression, X, y, max_steps=4, progress=False, checkpoint=path,
+                                       checkpoint_every=2, overwrite=True)
+    assert_close(again.objective, sel.objective, rtol=1e-12)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive int, got 0"):
+        Checkpoint(path, every=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_trial'"):
+        select_hyperparameters(linear_regression, X, y, n_trial=3)
+
+
+def test_the_curvature_is_an_objective_option():
+    X, y = diabetes()
+    X = X[:, :4]
+    sel = select_hyperparameters(linear_regression, X, y, progress=False, objective_options={"hessian": "ggn"})
+    pyro.clear_param_store()
+    with pytest.warns(FutureWarning, match="hessian=…"):
+        flat = select_hyperparameters(linear_regression, X, y, progress=False, hessian="ggn")
+    assert sel.converged
+    assert_close(flat.objective, sel.objective, rtol=1e-12)
+    # the GGN of a linear-Gaussian model is its Hessian: the same optimum as the exact evidence
+    pyro.clear_param_store()
+    exact = select_hyperparameters(linear_regression, X, y, progress=False)
+    assert_close(sel.hyperparameters["prior_precision"], exact.hyperparameters["prior_precision"], rtol=1e-6)
+    with pytest.raises(ValueError, match="objective_options 'hessian' is not an option of objective 'elbo'"):
+        select_hyperparameters(linear_regression, X, y, objective="elbo", objective_options={"hessian": "ggn"})

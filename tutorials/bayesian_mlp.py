@@ -146,8 +146,8 @@ def structures_part(X, y, out):
 
 
 def selection_part(X, y, X_test, y_test, out):
-    criteria = [(f"Laplace, {label(s, l)}", dict(objective="laplace", hessian=s, method="ift-exact",
-                                                  objective_options={"logdet": l} if l != "dense" else None))
+    criteria = [(f"Laplace, {label(s, l)}", dict(objective="laplace", method="ift-exact",
+                                                  objective_options={"hessian": s, "logdet": l}))
                 for s, l in STRUCTURES]
     criteria += [
         # four folds' dense Newton steps make each CV evaluation the dearest here: fewer outer steps
@@ -161,8 +161,9 @@ def selection_part(X, y, X_test, y_test, out):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                sel = pe.select_hyperparameters(mlp_classifier, X, y, model_kwargs=KWARGS, progress=False,
-                                                init_loc_fn=init, inner_max_iter=1000, **{"max_steps": 15, **options})
+                inner = {"max_iter": 1000, **options.pop("objective_options", {})}
+                sel = pe.select_hyperparameters(mlp_classifier, X, y, model_kwargs=KWARGS, progress=False, init_loc_fn=init,
+                                                objective_options=inner, **{"max_steps": 15, **options})
         except pe.NotPositiveDefiniteError:
             results.append((name, None))
             continue

@@ -11,6 +11,7 @@ a log scale, and checkpoint through :mod:`pyro_evidence.checkpoint`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import os
@@ -168,7 +169,8 @@ def _regroup(deprecated, objective, search, checkpoint, objective_options):
         _positive_int("objective_options 'max_iter'", objective_options["max_iter"])
     fields = {n: deprecated[n] for n in _DEPRECATED if _DEPRECATED[n] == "search" and n in deprecated}
     if fields or isinstance(search, dict):
-        search = SearchOptions(**{**(search if isinstance(search, dict) else {}), **fields})
+        given = search if isinstance(search, dict) else (dataclasses.asdict(search) if search is not None else {})
+        search = SearchOptions(**{**given, **fields})
     persist = {n.replace("checkpoint_", ""): deprecated[n] for n in ("checkpoint_every", "resume", "overwrite") if n in deprecated}
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = Checkpoint(os.fspath(checkpoint), **persist)

@@ -4,7 +4,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_evidence import Problem, laplace_evidence, select_hyperparameters
+from pyro_evidence import Checkpoint, Problem, laplace_evidence, select_hyperparameters
 from pyro_evidence.datasets import diabetes
 from pyro_evidence.models import linear_regression, logistic_regression
 
@@ -103,10 +103,10 @@ def test_mnist_experiment_runs_on_the_device(device):
 def test_a_resumed_checkpoint_restores_the_runs_dtype_and_device(device, tmp_path):
     X, y = diabetes(device=device)
     ck = str(tmp_path / "run.pt")
-    kw = {"optimizer": "adam", "lr": 0.1, "max_steps": 4, "tol": 1e-12, "checkpoint": ck, "progress": False}
-    first = select_hyperparameters(linear_regression, X, y, **kw)
+    kw = {"optimizer": "adam", "lr": 0.1, "max_steps": 4, "tol": 1e-12, "progress": False}
+    first = select_hyperparameters(linear_regression, X, y, checkpoint=ck, **kw)
     pyro.clear_param_store()
-    again = select_hyperparameters(linear_regression, X, y, resume=True, **kw)
+    again = select_hyperparameters(linear_regression, X, y, checkpoint=Checkpoint(ck, resume=True), **kw)
     assert on(device, [again.theta, again.h, again.objective]) and again.theta.dtype == torch.float64
     assert_close(again.theta, first.theta, rtol=0)
     assert_close(again.h, first.h, rtol=0)

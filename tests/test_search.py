@@ -9,7 +9,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_evidence import select_hyperparameters
+from pyro_evidence import Checkpoint, SearchOptions, select_hyperparameters
 from pyro_evidence.datasets import diabetes
 from pyro_evidence.models import linear_regression
 
@@ -34,7 +34,7 @@ def completed(storage_path, name="s"):
 def test_grid_visits_every_point_exactly_once():
     X, y = diabetes()
     grid = {"prior_precision": [1.0, 10.0, 100.0], "noise_precision": [1.0, 2.0, 4.0]}
-    sel = select_hyperparameters(linear_regression, X, y, method="grid", grid=grid, progress=False)
+    sel = select_hyperparameters(linear_regression, X, y, method="grid", progress=False, search=SearchOptions(grid=grid))
     seen = [(round(float(s.hyperparameters["prior_precision"]), 6), round(float(s.hyperparameters["noise_precision"]), 6)) for s in sel.history]
     assert sorted(seen) == sorted((a, b) for a in grid["prior_precision"] for b in grid["noise_precision"])
     assert float(sel.hyperparameters["prior_precision"]) == pytest.approx(10.0)
@@ -46,7 +46,7 @@ def test_random_search_is_reproducible_by_seed():
     runs = []
     for seed in (3, 3, 4):
         pyro.clear_param_store()
-        sel = select_hyperparameters(linear_regression, X, y, method="random", n_trials=8, seed=seed, progress=False)
+        sel = select_hyperparameters(linear_regression, X, y, method="random", progress=False, search=SearchOptions(n_trials=8, seed=seed))
         runs.append([s.objective for s in sel.history])
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
@@ -54,10 +54,7 @@ def test_random_search_is_reproducible_by_seed():
 def trials_to(target, method, seed, n_trials):
     X, y = diabetes()
     pyro.clear_param_store()
-    sel = select_hyperparameters(
-        linear_regression, X, y, method=method, n_trials=n_trials, seed=seed, progress=False,
-        bounds={"prior_precision": (1.0, 1000.0), "noise_precision": (0.5, 10.0)},
-    )
+    sel = select_hyperparameters(linear_regression, X, y, method=method, progress=False, search=SearchOptions(n_trials=n_trials, bounds={"prior_precision": (1.0, 1000.0), "noise_precision": (0.5, 10.0)}, seed=seed))
     hits = [i + 1 for i, s in enumerate(sel.history) if s.objective >= target]
     return hits[0] if hits else n_trials + 1
 
@@ -72,23 +69,23 @@ def test_gp_beats_random_on_a_smooth_2d_evidence():
 def test_bad_search_input():
     X, y = diabetes()
     with pytest.raises(ValueError, match="low must be < high"):
-        select_hyperparameters(linear_regression, X, y, method="random", bounds={"prior_precision": (10.0, 1.0)}, progress=False)
+        select_hyperparameters(linear_regression, X, y, method="random", progress=False, search=SearchOptions(bounds={"prior_precision": (10.0, 1.0)}))
     pyro.clear_param_store()  # the ARD model's prior precision is a vector
     with pytest.raises(ValueError, match="at most 3 elements without explicit points"):
         select_hyperparameters(linear_regression, X, y, method="grid", model_kwargs={"ard": True}, progress=False)
     with pytest.raises(ValueError, match="unknown storage scheme 'redis'"):
-        select_hyperparameters(linear_regression, X, y, method="random", storage="redis://localhost/0", progress=False)
+        select_hyperparameters(linear_regression, X, y, method="random", progress=False, search=SearchOptions(storage="redis://localhost/0"))
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        select_hyperparameters(linear_regression, X, y, checkpoint="/nonexistent/ck.pt", resume=True, progress=False)
-    with pytest.raises(ValueError, match="resume=True needs checkpoint="):
-        select_hyperparameters(linear_regression, X, y, resume=True, progress=False)
+        select_hyperparameters(linear_regression, X, y, checkpoint=Checkpoint("/nonexistent/ck.pt", resume=True), progress=False)
+    with pytest.raises(ValueError, match="resume=True needs checkpoint="), pytest.warns(FutureWarning, match="resume="):
+        select_hyperparameters(linear_regression, X, y, resume=True, progress=False)  # the flat keyword of earlier versions
 
 
 SCRIPT = textwrap.dedent(
     """
     import sys, time
     import pyro, torch
-    from pyro_evidence import select_hyperparameters
+    from pyro_evidence import Checkpoint, SearchOptions, select_hyperparameters
     from pyro_evidence.datasets import diabetes
     from pyro_evidence.models import linear_regression
 
@@ -99,10 +96,11 @@ SCRIPT = textwrap.dedent(
     mode, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     X, y = diabetes()
     if mode == "search":
-        select_hyperparameters(slow, X, y, method="random", n_trials=n, storage=path, study_name="s", seed=0, progress=False)
+        select_hyperparameters(slow, X, y, method="random", search=SearchOptions(n_trials=n, storage=path, study_name="s", seed=0),
+                               progress=False)
     else:
         select_hyperparameters(slow, X, y, method="ift-exact", optimizer="adam", lr=0.1, max_steps=n, tol=1e-12,
-                               checkpoint=path, checkpoint_every=1, resume=mode == "resume", progress=False)
+                               checkpoint=Checkpoint(path, resume=mode == "resume"), progress=False)
     """
 )
 
@@ -185,7 +183,7 @@ def test_a_checkpoint_holding_pickled_code_is_refused(tmp_path):
     if os.path.exists("/tmp/pyro_evidence_pwned"):
         os.remove("/tmp/pyro_evidence_pwned")
     with pytest.raises(ValueError, match="refusing checkpoint"):
-        select_hyperparameters(linear_regression, X, y, checkpoint=ckpt, resume=True, progress=False)
+        select_hyperparameters(linear_regression, X, y, checkpoint=Checkpoint(ckpt, resume=True), progress=False)
     assert not os.path.exists("/tmp/pyro_evidence_pwned")
 
 
@@ -196,7 +194,7 @@ KILL_AT_ASK = textwrap.dedent(
     import os, signal, sys, time
     import optuna
     import pyro_evidence.search as search
-    from pyro_evidence import select_hyperparameters
+    from pyro_evidence import SearchOptions, select_hyperparameters
     from pyro_evidence.datasets import diabetes
     from pyro_evidence.models import linear_regression
 
@@ -214,7 +212,8 @@ KILL_AT_ASK = textwrap.dedent(
 
     optuna.study.Study.ask = ask_then_die
     X, y = diabetes()
-    select_hyperparameters(linear_regression, X, y, method="random", n_trials=n, storage=path, study_name="s", progress=False)
+    select_hyperparameters(linear_regression, X, y, method="random", search=SearchOptions(n_trials=n, storage=path, study_name="s"),
+                           progress=False)
     """
 )
 
@@ -272,7 +271,7 @@ def test_an_untagged_trial_is_an_orphan_only_once_it_is_older_than_the_grace(mon
 def test_a_study_reused_for_other_data_or_objective_is_refused(tmp_path):
     X, y = diabetes()
     journal = str(tmp_path / "s.log")
-    kw = {"method": "random", "n_trials": 3, "storage": journal, "study_name": "s", "progress": False}
+    kw = {"method": "random", "search": SearchOptions(n_trials=3, storage=journal, study_name="s"), "progress": False}
     select_hyperparameters(linear_regression, X, y, **kw)
     with pytest.raises(ValueError, match=r"study 's' in this storage belongs to another search: the data differ"):
         select_hyperparameters(linear_regression, X[:400], y[:400], **kw)
@@ -287,7 +286,7 @@ def test_a_study_reused_for_other_data_or_objective_is_refused(tmp_path):
     with pytest.raises(ValueError, match="belongs to another search: model differ .*another_model"):
         select_hyperparameters(another_model, X, y, **kw)
     # without a name, each problem gets a study of its own in the same storage
-    kw.pop("study_name")
+    kw["search"] = SearchOptions(n_trials=3, storage=journal)
     a = select_hyperparameters(linear_regression, X, y, **kw)
     b = select_hyperparameters(linear_regression, X[:400], y[:400], **kw)
     assert a.objective != b.objective
@@ -304,12 +303,12 @@ def open_journal(path):
 def test_a_journal_cut_short_by_a_crash_is_read_to_its_last_whole_record(tmp_path):
     X, y = diabetes()
     journal = tmp_path / "s.log"
-    kw = {"method": "random", "storage": str(journal), "study_name": "s", "progress": False}
-    select_hyperparameters(linear_regression, X, y, n_trials=3, **kw)
+    kw = {"method": "random", "progress": False}
+    select_hyperparameters(linear_regression, X, y, **kw, search=SearchOptions(n_trials=3, storage=str(journal), study_name="s"))
     whole = journal.read_bytes()
     journal.write_bytes(whole + b'{"op_code": 6, "worker_id": "x", "trial_id": 3, "par')  # the crash's half record
     with pytest.warns(RuntimeWarning, match="ended in an incomplete record .* cut back to its last whole record"):
-        sel = select_hyperparameters(linear_regression, X, y, n_trials=5, **kw)
+        sel = select_hyperparameters(linear_regression, X, y, **kw, search=SearchOptions(n_trials=5, storage=str(journal), study_name="s"))
     assert len(sel.history) == 5 and journal.read_bytes().startswith(whole)
     assert len(completed(str(journal))) == 5
 
@@ -317,12 +316,12 @@ def test_a_journal_cut_short_by_a_crash_is_read_to_its_last_whole_record(tmp_pat
 def test_a_journal_damaged_in_the_middle_names_the_record(tmp_path):
     X, y = diabetes()
     journal = tmp_path / "s.log"
-    kw = {"method": "random", "storage": str(journal), "study_name": "s", "progress": False}
-    select_hyperparameters(linear_regression, X, y, n_trials=2, **kw)
+    kw = {"method": "random", "progress": False}
+    select_hyperparameters(linear_regression, X, y, **kw, search=SearchOptions(n_trials=2, storage=str(journal), study_name="s"))
     lines = journal.read_bytes().splitlines(keepends=True)
     journal.write_bytes(b"".join(lines[:3] + [b"garbage\n"] + lines[3:]))
     with pytest.raises(ValueError, match=r"journal .* is damaged at record 4 .*head -n 3"):
-        select_hyperparameters(linear_regression, X, y, n_trials=4, **kw)
+        select_hyperparameters(linear_regression, X, y, **kw, search=SearchOptions(n_trials=4, storage=str(journal), study_name="s"))
 
 
 # --- Ctrl-C --------------------------------------------------------------------------------
@@ -342,7 +341,7 @@ def test_ctrl_c_in_a_search_returns_the_best_trial_so_far_and_loses_no_point(tmp
         return solve(self, h, theta0)
 
     monkeypatch.setattr(LaplaceObjective, "solve", interrupted_on_the_fourth)
-    kw = {"method": "random", "n_trials": 6, "storage": journal, "study_name": "s", "progress": False}
+    kw = {"method": "random", "search": SearchOptions(n_trials=6, storage=journal, study_name="s"), "progress": False}
     with pytest.warns(RuntimeWarning, match="search interrupted; returning the best of the 3 completed trials"):
         sel = select_hyperparameters(linear_regression, X, y, **kw)
     assert len(sel.history) == 3 and not sel.converged
@@ -363,13 +362,13 @@ def test_ctrl_c_in_a_search_returns_the_best_trial_so_far_and_loses_no_point(tmp
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"method": "grid", "grid": {"prior_precision": [], "noise_precision": [1.0]}}, "empty list of points for hyperparameter 'prior_precision'"),
-        ({"method": "grid", "grid": {"prior_precision": [1.0, -2.0], "noise_precision": [1.0]}}, "grid point -2 of hyperparameter 'prior_precision' lies outside its support"),
-        ({"method": "grid", "grid": {"prior": [1.0], "noise_precision": [1.0]}}, "grid= names unknown hyperparameter 'prior'"),
-        ({"method": "random", "n_trials": 0}, "n_trials must be a positive int, got 0"),
-        ({"method": "random", "n_trials": 2.5}, "n_trials must be a positive int, got 2.5"),
-        ({"method": "gp", "n_trials": True}, "n_trials must be a positive int, got True"),
-        ({"method": "grid", "grid": {"prior_precision": [1.0], "noise_precision": [1.0]}, "n_trials": -1}, "n_trials must be a positive int, got -1"),
+        ({"method": "grid", "search": {"grid": {"prior_precision": [], "noise_precision": [1.0]}}}, "empty list of points for hyperparameter 'prior_precision'"),
+        ({"method": "grid", "search": {"grid": {"prior_precision": [1.0, -2.0], "noise_precision": [1.0]}}}, "grid point -2 of hyperparameter 'prior_precision' lies outside its support"),
+        ({"method": "grid", "search": {"grid": {"prior": [1.0], "noise_precision": [1.0]}}}, "grid= names unknown hyperparameter 'prior'"),
+        ({"method": "random", "search": {"n_trials": 0}}, "n_trials must be a positive int, got 0"),
+        ({"method": "random", "search": {"n_trials": 2.5}}, "n_trials must be a positive int, got 2.5"),
+        ({"method": "gp", "search": {"n_trials": True}}, "n_trials must be a positive int, got True"),
+        ({"method": "grid", "search": {"grid": {"prior_precision": [1.0], "noise_precision": [1.0]}, "n_trials": -1}}, "n_trials must be a positive int, got -1"),
     ],
 )
 def test_bad_grid_and_trial_counts(kwargs, message):
@@ -383,7 +382,7 @@ def test_search_leaves_optunas_log_level_as_it_was():
     level = optuna.logging.get_verbosity()
     try:
         optuna.logging.set_verbosity(optuna.logging.DEBUG)
-        select_hyperparameters(linear_regression, X, y, method="random", n_trials=2, progress=False)
+        select_hyperparameters(linear_regression, X, y, method="random", progress=False, search=SearchOptions(n_trials=2))
         assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
     finally:
         optuna.logging.set_verbosity(level)
@@ -395,10 +394,10 @@ def test_search_reports_convergence_as_measured():
     best = {k: float(v) for k, v in exact.hyperparameters.items()}
     pyro.clear_param_store()
     grid = {"prior_precision": [1.0, best["prior_precision"]], "noise_precision": [1.0, best["noise_precision"]]}
-    on_optimum = select_hyperparameters(linear_regression, X, y, method="grid", grid=grid, progress=False)
+    on_optimum = select_hyperparameters(linear_regression, X, y, method="grid", progress=False, search=SearchOptions(grid=grid))
     assert on_optimum.converged and on_optimum.grad_norm <= 1e-6
     pyro.clear_param_store()
-    coarse = select_hyperparameters(linear_regression, X, y, method="random", n_trials=3, progress=False)
+    coarse = select_hyperparameters(linear_regression, X, y, method="random", progress=False, search=SearchOptions(n_trials=3))
     assert not coarse.converged and coarse.grad_norm > 1e-3
 
 
@@ -411,7 +410,7 @@ def fragile(X, y=None):
 def test_a_grid_point_where_the_objective_fails_is_recorded_once_and_not_rerun():
     X, y = diabetes()
     grid = {"prior_precision": [1.0, 2.0, 10.0], "noise_precision": [2.0]}
-    sel = select_hyperparameters(fragile, X, y, method="grid", grid=grid, progress=False)
+    sel = select_hyperparameters(fragile, X, y, method="grid", progress=False, search=SearchOptions(grid=grid))
     assert sorted(round(float(s.hyperparameters["prior_precision"]), 6) for s in sel.history) == [1.0, 2.0]
     assert float(sel.hyperparameters["prior_precision"]) == pytest.approx(2.0)
 
@@ -419,4 +418,4 @@ def test_a_grid_point_where_the_objective_fails_is_recorded_once_and_not_rerun()
 def test_a_search_where_the_objective_never_is_finite_ends_with_a_clear_error():
     X, y = diabetes()
     with pytest.raises(FloatingPointError, match="not finite at 4 trials in a row"):
-        select_hyperparameters(fragile, X, y, method="random", n_trials=4, bounds={"prior_precision": (6.0, 60.0)}, progress=False)
+        select_hyperparameters(fragile, X, y, method="random", progress=False, search=SearchOptions(n_trials=4, bounds={"prior_precision": (6.0, 60.0)}))

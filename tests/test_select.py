@@ -109,7 +109,11 @@ def test_progress_bar_is_shown_when_asked(capsys):
         ({"method": "hoag", "method_options": {"tol": 1e-3}}, "'tol' is not an option of method 'hoag' \\(its schedule sets CG's tolerance\\)"),
         ({"method": "ift-cg", "method_options": {"x0": None}}, "'x0' is set by select_hyperparameters itself"),
         ({"method": "random", "method_options": {"tol": 1e-3}}, "method 'random' takes no method_options"),
-        ({"n_trials": 10}, "n_trials= is an option of the black-box search"),
+        ({"n_trials": 10}, "n_trials= is an option of the black-box search"),  # the flat keywords of earlier versions
+        ({"search": {"n_trials": 10}}, "n_trials= is an option of the black-box search"),
+        ({"method": "random", "checkpoint": "run.pt"}, "checkpoint= is an option of the gradient methods"),
+        ({"objective": "elbo", "objective_options": {"jitter": 1e-6}}, "objective_options 'jitter' is not an option of objective 'elbo'"),
+        ({"objective_options": {"max_iter": 0}}, "objective_options 'max_iter' must be a positive int, got 0"),
         ({"storage": "study.log"}, "storage= is an option of the black-box search"),
         ({"bounds": {"prior_precision": (1.0, 2.0)}}, "bounds= is an option of the black-box search"),
         ({"method": "random", "lr": 0.1}, "lr= is an option of the gradient methods"),
@@ -123,7 +127,8 @@ def test_progress_bar_is_shown_when_asked(capsys):
 )
 def test_bad_options(kwargs, message):
     X, y = diabetes()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # some rows spell the options as earlier versions did
         select_hyperparameters(linear_regression, X, y, progress=False, **kwargs)
 
 
@@ -155,9 +160,10 @@ def test_options_the_method_uses_are_accepted():
 # --- checkpoints ---------------------------------------------------------------------------
 
 
-def run(path, *data, **kw):
+def run(path, *data, resume=False, overwrite=False, **kw):
     X, y = data or diabetes()
-    options = {"optimizer": "adam", "lr": 0.1, "max_steps": 5, "tol": 1e-12, "checkpoint": str(path), "progress": False}
+    checkpoint = Checkpoint(str(path), resume=resume, overwrite=overwrite)
+    options = {"optimizer": "adam", "lr": 0.1, "max_steps": 5, "tol": 1e-12, "checkpoint": checkpoint, "progress": False}
     return select_hyperparameters(linear_regression, X, y, **{**options, **kw})
 
 

@@ -33,7 +33,7 @@ from .problem import Problem
 from .search import SEARCH_METHODS, SearchInterrupted, SearchOptions, history_of, search
 from .util import fingerprint
 
-__all__ = ["Selection", "Step", "select_hyperparameters"]
+__all__ = ["Selection", "select_hyperparameters"]
 
 
 @dataclass
@@ -88,7 +88,7 @@ def select_hyperparameters(
         posterior's ELBO), ``"cv"`` (k-fold cross-validation) or ``"holdout"``; see :data:`OBJECTIVES`.
     :param str method: a hypergradient method of :data:`~pyro_evidence.hypergrad.METHODS` (``"ift-exact"``,
         ``"ift-cg"``, …, ``"drmad"``), an outer loop (``"hoag"``; ``"graves"``, ELBO only) or a black-box
-        search (``"grid"``, ``"random"``, ``"gp"``). The README's method table says what each drops.
+        search (``"grid"``, ``"random"``, ``"gp"``). docs/hypergradients.md says what each drops.
     :param hyperparameters: names of the param sites to select (default: all of the model's).
     :param dict model_kwargs: keyword arguments for the model.
     :param callable init_loc_fn: Pyro's init strategy for the first inner solve's start (a network needs a
@@ -157,7 +157,7 @@ def _regroup(deprecated, objective, search, checkpoint, objective_options):
     if deprecated:
         moves = "; ".join(f"{name}= in {_DEPRECATED[name]}=" for name in deprecated)
         warnings.warn(f"select_hyperparameters({', '.join(f'{n}=…' for n in deprecated)}) is deprecated: pass {moves} "
-                      "instead (see the README's search and persistence sections)", FutureWarning, stacklevel=3)
+                      "instead (see docs/search.md)", FutureWarning, stacklevel=3)
     objective_options = dict(objective_options or {})
     for old, new in (("jitter", "jitter"), ("hessian", "hessian"), ("inner_max_iter", "max_iter")):
         if old in deprecated:

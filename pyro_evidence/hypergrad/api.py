@@ -56,6 +56,17 @@ def hypergradient(inner_loss, validation, theta, h, method: str = "ift-exact", *
         methods, where ``theta`` is the starting point ``θ_0``). HOAG is an outer loop, not a
         hypergradient: ``select_hyperparameters(method="hoag")``; its inner step is ``"ift-cg"``.
     :returns: :class:`~pyro_evidence.hypergrad.implicit.Hypergradient`.
+
+    Example: ridge shrinkage ``L = ½‖θ − 1‖² + ½ e^h ‖θ‖²``, so ``θ*(h) = 1/(1 + e^h)`` per coordinate, judged by
+    ``Q = −½‖θ − 1‖²``; at ``h = 0``, ``dQ/dh = Σ (1 − θ*) dθ*/dh = 3 · ½ · (−¼)``:
+
+    >>> import torch
+    >>> from pyro_evidence import hypergradient
+    >>> L = lambda t, h: 0.5 * ((t - 1) ** 2).sum() + 0.5 * h.exp().sum() * (t**2).sum()
+    >>> Q = lambda t, h: -0.5 * ((t - 1) ** 2).sum()
+    >>> theta, h = torch.full((3,), 0.5, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    >>> hypergradient(L, Q, theta, h, method="ift-exact").grad
+    tensor([-0.3750], dtype=torch.float64)
     """
     if method == "hoag":
         raise ValueError(

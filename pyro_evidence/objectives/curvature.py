@@ -9,20 +9,17 @@ Write the inner loss as ``L(θ, h) = −Σ_o log p(y_o | η_o(θ)) + R(θ, h)``:
 through their distribution parameters ``η(θ)`` (a Normal's ``loc`` and ``scale``, a Bernoulli's or a Categorical's
 ``logits``, a Poisson's ``rate``) and the rest ``R`` (latent priors, log-Jacobians, ``pyro.factor`` terms).
 
-============ ========================================================= ===================================== ===========================
-structure    ``C``                                                     cost                                  what it drops
-============ ========================================================= ===================================== ===========================
-``"exact"``  ``∇²L``, dense, by batched Hessian-vector products        ``d`` gradient passes, ``d²`` memory  nothing
-``"ggn"``    ``JᵀΛJ + ∇²R`` (generalised Gauss–Newton / Fisher):        ``d`` Jacobian-vector products        the curvature of ``η(θ)``
-             ``J = ∂η/∂θ``, ``Λ`` the Fisher of each observed law in
-             ``η`` — positive semi-definite at every ``θ``
-``"diag"``   ``diag(JᵀΛJ) + diag(∇²R)``                                 ``C`` backward passes per linear      every off-diagonal term
-                                                                       layer, one per output of a row
-``"kron"``   per weight matrix ``A ⊗ B`` with ``A = Σ_n ā_n ā_nᵀ``       as ``diag``, plus eigendecompositions the correlation of inputs
-             (layer inputs, a 1 appended when the layer has a bias)    of the factors                        and output gradients across
-             and ``B = (1/N) Σ_n Σ_c g_nc g_ncᵀ`` (output gradients of                                       rows (K-FAC), and every
-             ``Λ^{½}``-weighted outputs); ``diag`` elsewhere                                                 cross-layer block
-============ ========================================================= ===================================== ===========================
+- ``"exact"`` — ``C = ∇²L``, dense, by batched Hessian-vector products. Cost: ``d`` gradient passes, ``d²``
+  memory. Drops nothing.
+- ``"ggn"`` — ``C = JᵀΛJ + ∇²R`` (generalised Gauss–Newton / Fisher), ``J = ∂η/∂θ`` and ``Λ`` the Fisher of each
+  observed law in ``η``: positive semi-definite at every ``θ``. Cost: ``d`` Jacobian-vector products. Drops the
+  curvature of ``η(θ)``.
+- ``"diag"`` — ``diag(JᵀΛJ) + diag(∇²R)``. Cost: one backward pass per output of a row, per linear layer. Drops
+  every off-diagonal term.
+- ``"kron"`` — per weight matrix ``A ⊗ B`` with ``A = Σ_n ā_n ā_nᵀ`` (layer inputs, a 1 appended when the layer
+  has a bias) and ``B = (1/N) Σ_n Σ_c g_nc g_ncᵀ`` (output gradients of ``Λ^{½}``-weighted outputs); ``diag``
+  elsewhere. Cost: as ``diag``, plus eigendecompositions of the factors. Drops the correlation of inputs and
+  output gradients across rows (K-FAC), and every cross-layer block.
 
 ``log det`` is a Cholesky factorisation (dense), a sum of logs (``diag``), or
 ``Σ_ij log(λ_i μ_j + δ)`` over the eigenvalues ``λ`` of ``A`` and ``μ`` of ``B`` with ``δ`` the layer's prior

@@ -66,6 +66,11 @@ class Selection:
     problem: Problem | None = field(default=None, repr=False)
     grad_norm: float = math.nan
 
+    @property
+    def value(self) -> torch.Tensor:
+        """The result's main value, ``objective`` (every result calls its main value ``value``)."""
+        return self.objective
+
 
 def _check_choice(kind, value, choices):
     if value not in choices:

@@ -41,3 +41,23 @@ def test_no_private_name_is_imported_from_another_module(path):
 def test_the_base_layer_imports_only_the_base_layer(name):
     targets = {m for m, _ in _relative_imports(PACKAGE / f"{name}.py")}
     assert targets <= BASE, f"{name}.py imports {sorted(targets - BASE)}"
+
+
+def test_every_result_calls_its_main_value_value():
+    import torch
+
+    import pyro_evidence as pe
+    from pyro_evidence.datasets import diabetes
+    from pyro_evidence.models import linear_regression
+
+    X, y = diabetes()
+    X = X[:, :3]
+    ev = pe.laplace_evidence(linear_regression, X, y)
+    elbo = pe.elbo_evidence(linear_regression, X, y, num_particles=8)
+    cv = pe.cv_log_predictive(linear_regression, X, y, k=3)
+    sel = pe.select_hyperparameters(linear_regression, X, y, max_steps=2, progress=False)
+    f = lambda t, h: ((t - h) ** 2).sum()  # noqa: E731
+    hg = pe.hypergradient(f, lambda t, h: -f(t, h), torch.zeros(2, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    for result, named in ((ev, ev.log_evidence), (elbo, elbo.elbo), (sel, sel.objective), (cv, cv.per_fold.sum()),
+                          (hg, hg.value)):
+        assert torch.equal(torch.as_tensor(result.value), torch.as_tensor(named)), type(result).__name__

@@ -282,6 +282,11 @@ class ElboEvidence:
     objective: ElboObjective | None = field(default=None, repr=False)
     grad_norm: float = math.nan
 
+    @property
+    def value(self) -> torch.Tensor:
+        """The result's main value, ``elbo`` (every result calls its main value ``value``)."""
+        return self.elbo
+
 
 def elbo_evidence(
     model,

@@ -132,6 +132,11 @@ class LaplaceEvidence:
     curvature: Curvature | None = field(default=None, repr=False)
     log_evidence_se: float = 0.0
 
+    @property
+    def value(self) -> torch.Tensor:
+        """The result's main value, ``log_evidence`` (every result calls its main value ``value``)."""
+        return self.log_evidence
+
     def posterior(self):
         """The Laplace posterior ``N(θ̂, C⁻¹)`` over unconstrained ``θ`` (dense or diagonal ``C``)."""
         if self.hessian is not None:

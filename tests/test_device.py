@@ -82,7 +82,7 @@ def test_experiment_runs_on_the_device(device):
     pyro.clear_param_store()
     cpu = run_synthetic(device="cpu", **kw)[0]
     assert here.best_q == pytest.approx(cpu.best_q, rel=1e-8)
-    assert here.test_error == pytest.approx(cpu.test_error, rel=1e-6)
+    assert here.test == pytest.approx(cpu.test, rel=1e-6)
 
 
 def test_mnist_experiment_runs_on_the_device(device):
@@ -96,8 +96,8 @@ def test_mnist_experiment_runs_on_the_device(device):
     # float32, 300 images, 3 steps: which prior wins is decided by round-off (the thread count moves
     # the CV accuracy between 0.27 and 0.64), so only what the runner guarantees is checked
     assert [x.objective for x in r] == ["cv", "elbo"] and not any(x.failed for x in r)
-    assert all(math.isfinite(x.best_q) and 0.0 <= x.test_error <= 1.0 for x in r)
-    assert all(x.test_error <= 0.2 for x in r if x.collapsed)  # one digit for 90 % of a balanced test set
+    assert all(math.isfinite(x.best_q) and 0.0 <= x.test <= 1.0 for x in r)
+    assert all(x.test <= 0.2 for x in r if x.collapsed)  # one digit for 90 % of a balanced test set
 
 
 def test_a_resumed_checkpoint_restores_the_runs_dtype_and_device(device, tmp_path):

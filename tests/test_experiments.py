@@ -27,7 +27,7 @@ def test_same_seed_same_numbers():
     kw = {"objectives": ("elbo",), "methods": ["ift-cg", "random"], "fast": True, "progress": False}
     a, b = run_synthetic(**kw), run_synthetic(**kw)
     for ra, rb in zip(a, b):
-        assert (ra.method, ra.best_q, ra.test_error, ra.noise_050, ra.trajectory) == (rb.method, rb.best_q, rb.test_error, rb.noise_050, rb.trajectory)
+        assert (ra.method, ra.best_q, ra.test, ra.noise_050, ra.trajectory) == (rb.method, rb.best_q, rb.test, rb.noise_050, rb.trajectory)
     assert all(len(r.trajectory) == 3 for r in a)
 
 
@@ -62,10 +62,10 @@ def test_mnist_same_seed_same_numbers():
     kw = {"objectives": ("cv",), "methods": ["ift-cg", "random"], "fast": True, "progress": False, "pool": 4}
     a, b = run_mnist(**kw), run_mnist(**kw)
     for ra, rb in zip(a, b):
-        assert (ra.best_q, ra.test_error, ra.error_perturbed_050, ra.noise_050, ra.trajectory) == (
-            rb.best_q, rb.test_error, rb.error_perturbed_050, rb.noise_050, rb.trajectory
+        assert (ra.best_q, ra.test, ra.test_perturbed_050, ra.noise_050, ra.trajectory) == (
+            rb.best_q, rb.test, rb.test_perturbed_050, rb.noise_050, rb.trajectory
         )
-        assert 0.0 <= ra.test_error <= 1.0 and 1 <= len(ra.trajectory) <= 3
+        assert 0.0 <= ra.test <= 1.0 and 1 <= len(ra.trajectory) <= 3
 
 
 def test_mnist_accuracy_is_that_of_the_network():
@@ -94,7 +94,7 @@ def test_mnist_deviations_name_the_pooled_network():
 class _BreaksOnSeedOne:
     """A setup whose selection fails on seed 1 the way a method breaks down numerically."""
 
-    name, iterations = "synthetic", 2
+    name, iterations, metric = "synthetic", 2, "RMSE"
 
     def select(self, method, objective, seed, iterations, lr):
         from types import SimpleNamespace
@@ -138,8 +138,9 @@ def test_a_prior_that_switches_the_network_off_is_reported_as_collapsed(tmp_path
     assert off["test"] == pytest.approx(float((setup.test[1] == predicted[0]).double().mean()), abs=1e-12)
     nan = math.nan
     runs = [Run("mnist", "elbo", "ift-cg", seed, 0.1, -600.0 + seed, 1, acc, acc, acc, 1.0, acc, acc, acc, acc, (1.0,),
-                collapsed=collapsed) for seed, (acc, collapsed) in enumerate([(0.1, True), (0.8, False)])]
-    runs.append(Run("mnist", "elbo", "ift-cg", 2, 0.1, nan, 0, nan, nan, nan, 1.0, nan, nan, nan, nan, (), failed="ValueError: x"))
+                collapsed=collapsed, metric="accuracy") for seed, (acc, collapsed) in enumerate([(0.1, True), (0.8, False)])]
+    runs.append(Run("mnist", "elbo", "ift-cg", 2, 0.1, nan, 0, nan, nan, nan, 1.0, nan, nan, nan, nan, (), failed="ValueError: x",
+                    metric="accuracy"))
     _, md = write_results(runs, tmp_path, "test")
     text = open(md).read()
     assert "| 1.000 ± 0.000 | 1 of 2 |" in text  # the collapsed column counts finished runs

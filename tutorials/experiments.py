@@ -38,11 +38,15 @@ def _sources(directory, experiment):
     return [p for p in paths if os.path.exists(os.path.join(p, f"{experiment}.csv"))]
 
 
+# the column names of results written before the metric-neutral names (the committed CSVs)
+RENAMED = {"test_error": "test", "error_perturbed_025": "test_perturbed_025", "error_perturbed_050": "test_perturbed_050"}
+
+
 def load(directory, experiment):
     runs, per_run = [], defaultdict(list)
     for source in _sources(directory, experiment):
         with open(os.path.join(source, f"{experiment}.csv")) as f:
-            runs += list(csv.DictReader(f))
+            runs += [{RENAMED.get(k, k): v for k, v in row.items()} for row in csv.DictReader(f)]
         with open(os.path.join(source, f"{experiment}_trajectories.csv")) as f:
             for row in csv.DictReader(f):
                 per_run[(row["objective"], row["method"], row["seed"])].append((int(row["iteration"]), float(row["Q"])))
@@ -146,8 +150,8 @@ def render(experiment, directory, figures, out):
     ]
     for (objective, method), rows in sorted(groups.items()):
         out.append(
-            f"| {objective} | {method} | {mean(rows, 'iterations'):.1f} | {mean(rows, 'best_q'):.3f} | {mean(rows, 'convergence'):.1f} | {mean(rows, 'test_error'):.3f} | "
-            f"{mean(rows, 'error_perturbed_050'):.3f} | {mean(rows, 'noise_050'):.3f} | {mean(rows, 'seconds'):.2f} |"
+            f"| {objective} | {method} | {mean(rows, 'iterations'):.1f} | {mean(rows, 'best_q'):.3f} | {mean(rows, 'convergence'):.1f} | {mean(rows, 'test'):.3f} | "
+            f"{mean(rows, 'test_perturbed_050'):.3f} | {mean(rows, 'noise_050'):.3f} | {mean(rows, 'seconds'):.2f} |"
         )
     out.append("")
     for objective in objectives:
@@ -158,7 +162,7 @@ def render(experiment, directory, figures, out):
 
         fastest = min(rows, key=per_iteration)
         quickest = min(rows, key=lambda m: mean(rows[m], "convergence"))
-        best_test = best_of(rows, key=lambda m: mean(rows[m], "test_error"))
+        best_test = best_of(rows, key=lambda m: mean(rows[m], "test"))
         robust = best_of(rows, key=lambda m: mean(rows[m], "noise_050"))
         within = [
             m for m in rows if mean(rows[m], "best_q") >= mean(rows[best_q], "best_q") - 0.5
@@ -167,7 +171,7 @@ def render(experiment, directory, figures, out):
             f"**{objective}.** The highest Q: `{best_q}` ({mean(rows[best_q], 'best_q'):.3f}); within 0.5 nats of it: "
             f"{', '.join(f'`{m}`' for m in sorted(within))}. Fewest iterations to 99 % of its own best improvement: "
             f"`{quickest}`. Cheapest per iteration: `{fastest}` ({per_iteration(fastest):.3f} s). Best test {metric}: "
-            f"`{best_test}` ({mean(rows[best_test], 'test_error'):.3f}); best under σ = 0.5 input noise: `{robust}` "
+            f"`{best_test}` ({mean(rows[best_test], 'test'):.3f}); best under σ = 0.5 input noise: `{robust}` "
             f"({mean(rows[robust], 'noise_050'):.3f}).",
             "",
         ]
@@ -190,7 +194,7 @@ def advice(groups):
     def secs(g, o, m):
         return mean(g[(o, m)], "seconds")
 
-    def err(g, o, m, key="test_error"):
+    def err(g, o, m, key="test"):
         return mean(g[(o, m)], key)
 
     def top(g, o, key="best_q", best=max):
@@ -228,14 +232,14 @@ def advice(groups):
     )
     # 4. a neural network
     acc = {m: err(mn, "cv", m) for (o, m) in mn if o == "cv"}
-    best_acc = top(mn, "cv", "test_error")
-    assert best_acc == top(mn, "cv", "error_perturbed_050") == top(mn, "cv", "noise_050")
+    best_acc = top(mn, "cv", "test")
+    assert best_acc == top(mn, "cv", "test_perturbed_050") == top(mn, "cv", "noise_050")
     best_q = top(mn, "cv")
     assert best_q in ("hoag", "ift-cg") and q(mn, "cv", "drmad") < q(mn, "cv", best_q)
     runner_up = sorted(acc, key=acc.get)[-2]
     out.append(
         f"- **A neural network** (MNIST, inner fit never at its optimum): select by **CV**. The hyperparameters "
-        f"`{best_acc}` chose gave the best test accuracy ({acc[best_acc]:.3f} ± {sd(mn[('cv', best_acc)], 'test_error'):.3f}), "
+        f"`{best_acc}` chose gave the best test accuracy ({acc[best_acc]:.3f} ± {sd(mn[('cv', best_acc)], 'test'):.3f}), "
         f"and the best under perturbed weights and under input noise, at {secs(mn, 'cv', best_acc):.0f} s per run; "
         f"`{runner_up}`'s came next ({acc[runner_up]:.3f}, {secs(mn, 'cv', runner_up):.0f} s). The implicit methods "
         f"reached the highest Q (`{best_q}` {q(mn, 'cv', best_q):.0f}), but each method's Q is measured at its own "
@@ -245,8 +249,8 @@ def advice(groups):
     )
     # 5. the mean-field ELBO of a network rewards switching it off
     elbo_rows = [r for (o, _), rows in mn.items() if o == "elbo" for r in rows if not r.get("failed")]
-    collapsed = [r for r in elbo_rows if float(r["test_error"]) <= 0.11]
-    alive = [r for r in elbo_rows if float(r["test_error"]) > 0.11]
+    collapsed = [r for r in elbo_rows if float(r["test"]) <= 0.11]
+    alive = [r for r in elbo_rows if float(r["test"]) > 0.11]
     assert collapsed and mean(collapsed, "best_q") > mean(alive, "best_q")
     assert all(err(mn, "elbo", m) < acc[m] for (o, m) in mn if o == "elbo")
     out.append(
@@ -264,7 +268,7 @@ def advice(groups):
         lap = {m: rows for (o, m), rows in mn.items() if o == "laplace"}
         lap_runs = [r for rows in lap.values() for r in rows if not r.get("failed")]
         lap_collapsed = [r for r in lap_runs if r.get("collapsed") == "True"]
-        best_lap = max(lap, key=lambda m: mean(lap[m], "test_error"))
+        best_lap = max(lap, key=lambda m: mean(lap[m], "test"))
         short = {m: sum(int(r["iterations"]) < 25 for r in rows) for m, rows in lap.items()}
         assert not lap_collapsed and best_lap == "hoag" and short["hoag"] == 0 and short["random"] == 0
         assert err(mn, "laplace", "hoag") < max(acc.values()) and err(mn, "laplace", "hoag") > max(
@@ -274,7 +278,7 @@ def advice(groups):
         out.append(
             "- **The Laplace evidence of a network (K-FAC curvature): a sound criterion, driven by HOAG.** None of its "
             f"{len(lap_runs)} runs switched the network off, where the mean-field ELBO's did; HOAG's selections by it "
-            f"tested at {err(mn, 'laplace', 'hoag'):.3f} ± {sd(mn[('laplace', 'hoag')], 'test_error'):.3f} "
+            f"tested at {err(mn, 'laplace', 'hoag'):.3f} ± {sd(mn[('laplace', 'hoag')], 'test'):.3f} "
             f"({secs(mn, 'laplace', 'hoag'):.0f} s per run), below CV's best ({max(acc.values()):.3f}) and far above the "
             f"ELBO's. The fixed-rate methods ({', '.join(f'`{m}`' for m in sorted(fixed))}) met a non-finite step and "
             f"stopped early in {stopped} of {5 * len(fixed)} runs: the evidence's gradient in log α is of the order of "
@@ -284,7 +288,7 @@ def advice(groups):
         )
     # 7. test error barely separates the methods on the synthetic design
     spread = {o: max(err(syn, o, m) for (o_, m) in syn if o_ == o) - min(err(syn, o, m) for (o_, m) in syn if o_ == o) for o in ("cv", "elbo")}
-    level = statistics.mean(mean(rows, "test_error") for rows in syn.values())
+    level = statistics.mean(mean(rows, "test") for rows in syn.values())
     assert max(spread.values()) < 0.05 * level
     rise = [mean(rows, "noise_050") - mean(rows, "noise_000") for rows in syn.values()]
     assert min(rise) > 0

@@ -82,9 +82,10 @@ def ascend(optimizer, evaluate, h, lr, tol, max_steps, progress: Progress, saver
         h.grad = -hg.grad
         return -hg.value.detach()
 
+    lbfgs = optimizer == "lbfgs"
     while len(progress.history) < max_steps:
         before = h.detach().clone()
-        if optimizer == "lbfgs":
+        if lbfgs:
             lbfgs_step(outer, closure, h)
         else:
             closure()
@@ -93,10 +94,10 @@ def ascend(optimizer, evaluate, h, lr, tol, max_steps, progress: Progress, saver
         if progress.cache is not None and float(progress.cache[1].grad.abs().max()) <= tol:
             evaluate(h.detach())  # the converged point itself, for the record
             break
-        if optimizer == "lbfgs" and torch.equal(before, h.detach()):
-            break  # L-BFGS stalled
-        if optimizer != "lbfgs":
+        if not lbfgs:
             outer.step()
+        elif torch.equal(before, h.detach()):
+            break  # L-BFGS stalled
     saver.save(h, outer, progress, done, final=True)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .util import mismatch
+from .util import check_positive_int, mismatch
 
 __all__ = ["Best", "Checkpoint", "CheckpointLock", "Progress", "Saver", "Step", "check_path", "load_checkpoint", "save_checkpoint"]
 
@@ -211,8 +211,7 @@ class Checkpoint:
     overwrite: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
-            raise ValueError(f"checkpoint_every must be a positive int, got {self.every!r}")
+        check_positive_int("checkpoint_every", self.every)
 
 
 @dataclass

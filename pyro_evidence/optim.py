@@ -137,8 +137,7 @@ def newton(vgh, theta, max_steps=20, modified=False):
     and stops (``stuck``); with ``modified=True`` it steps along ``−(H + τI)⁻¹ g`` instead, a descent direction
     that also leaves a saddle along its negative curvature.
     """
-    state = vgh(theta)
-    state = (theta, *state)
+    state = (theta, *vgh(theta))
     roundoff = 10 * torch.finfo(theta.dtype).eps
     active = torch.ones(theta.shape[0], dtype=torch.bool, device=theta.device)
     steps, stuck = 0, False

@@ -47,7 +47,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .linalg import NotPositiveDefiniteError
-from .util import digest, fingerprint, mismatch
+from .util import check_positive_int, digest, fingerprint, mismatch
 
 __all__ = [
     "SearchOptions",
@@ -294,9 +294,8 @@ class SearchOptions:
     seed: int = 0
 
     def __post_init__(self):
-        n = self.n_trials
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise ValueError(f"n_trials must be a positive int, got {n!r}")
+        if self.n_trials is not None:
+            check_positive_int("n_trials", self.n_trials)
 
     def given(self) -> list:
         """The names of the options set to other than their defaults."""

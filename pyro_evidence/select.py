@@ -31,7 +31,7 @@ from .linalg import NotPositiveDefiniteError
 from .objectives import OBJECTIVES
 from .problem import Problem
 from .search import SEARCH_METHODS, SearchInterrupted, SearchOptions, history_of, search
-from .util import fingerprint
+from .util import check_positive_int, fingerprint
 
 __all__ = ["Selection", "select_hyperparameters"]
 
@@ -164,14 +164,16 @@ def _regroup(deprecated, objective, search, checkpoint, objective_options):
         warnings.warn(f"select_hyperparameters({', '.join(f'{n}=…' for n in deprecated)}) is deprecated: pass {moves} "
                       "instead (see docs/search.md)", FutureWarning, stacklevel=3)
     objective_options = dict(objective_options or {})
-    for old, new in (("jitter", "jitter"), ("hessian", "hessian"), ("inner_max_iter", "max_iter")):
-        if old in deprecated:
-            if old != "inner_max_iter" and objective != "laplace":
-                raise ValueError(f"{old}= is an option of objective='laplace'; objective={objective!r} would ignore it")
-            _positive_int(old, deprecated[old]) if old == "inner_max_iter" else None
-            objective_options.setdefault(new, deprecated[old])
+    for name in ("jitter", "hessian"):
+        if name in deprecated:
+            if objective != "laplace":
+                raise ValueError(f"{name}= is an option of objective='laplace'; objective={objective!r} would ignore it")
+            objective_options.setdefault(name, deprecated[name])
+    if "inner_max_iter" in deprecated:
+        check_positive_int("inner_max_iter", deprecated["inner_max_iter"])
+        objective_options.setdefault("max_iter", deprecated["inner_max_iter"])
     if "max_iter" in objective_options:
-        _positive_int("objective_options 'max_iter'", objective_options["max_iter"])
+        check_positive_int("objective_options 'max_iter'", objective_options["max_iter"])
     fields = {n: deprecated[n] for n in _DEPRECATED if _DEPRECATED[n] == "search" and n in deprecated}
     if fields or isinstance(search, dict):
         given = search if isinstance(search, dict) else (dataclasses.asdict(search) if search is not None else {})
@@ -179,14 +181,11 @@ def _regroup(deprecated, objective, search, checkpoint, objective_options):
     persist = {n.replace("checkpoint_", ""): deprecated[n] for n in ("checkpoint_every", "resume", "overwrite") if n in deprecated}
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = Checkpoint(os.fspath(checkpoint), **persist)
+    elif isinstance(checkpoint, Checkpoint) and persist:
+        checkpoint = dataclasses.replace(checkpoint, **persist)
     elif checkpoint is None and persist.get("resume"):
         raise ValueError("resume=True needs checkpoint= (the file to resume from)")
     return search, checkpoint, objective_options
-
-
-def _positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_arguments(objective, method, optimizer, lr, max_steps, search, checkpoint, objective_options, method_options):
@@ -200,7 +199,7 @@ def _check_arguments(objective, method, optimizer, lr, max_steps, search, checkp
     _check_ignored(method, objective, optimizer, lr, search, checkpoint)
     optimizer = optimizer or ("lbfgs" if method in ("ift-exact", "ift-cg") else "adam")
     _check_choice("optimizer", optimizer, ("lbfgs", "adam", "sgd"))
-    _positive_int("max_steps", max_steps)
+    check_positive_int("max_steps", max_steps)
     _check_options("objective_options", objective_options, OBJECTIVES[objective], f"objective {objective!r}")
     _check_method_options(method, method_options)
     if checkpoint is not None:

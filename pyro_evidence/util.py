@@ -21,7 +21,7 @@ import numpy as np
 import pyro
 import torch
 
-__all__ = ["isolated_params", "preserved_rng", "seeded", "fingerprint", "describe", "digest", "mismatch"]
+__all__ = ["isolated_params", "preserved_rng", "seeded", "fingerprint", "describe", "digest", "mismatch", "check_positive_int"]
 
 
 @contextlib.contextmanager
@@ -138,3 +138,9 @@ def mismatch(saved: dict, current: dict) -> str | None:
             what = {"data": "the data", "model_kwargs": "the model's keyword arguments"}.get(key, key)
             return f"{what} differ (saved: {saved.get(key)!r}, now: {current.get(key)!r})"
     return None
+
+
+def check_positive_int(name, value):
+    """Refuses a count that is not a positive int (a bool or a float is not one), naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

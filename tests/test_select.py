@@ -336,3 +336,14 @@ def test_the_curvature_is_an_objective_option():
     assert_close(sel.hyperparameters["prior_precision"], exact.hyperparameters["prior_precision"], rtol=1e-6)
     with pytest.raises(ValueError, match="objective_options 'hessian' is not an option of objective 'elbo'"):
         select_hyperparameters(linear_regression, X, y, objective="elbo", objective_options={"hessian": "ggn"})
+
+
+def test_a_flat_resume_with_a_checkpoint_object_is_not_dropped(tmp_path):
+    path = tmp_path / "run.pt"
+    first = run(path, max_steps=4)
+    pyro.clear_param_store()
+    X, y = diabetes()
+    with pytest.warns(FutureWarning, match="resume="):
+        again = select_hyperparameters(linear_regression, X, y, optimizer="adam", lr=0.1, max_steps=4, tol=1e-12,
+                                       checkpoint=Checkpoint(str(path)), resume=True, progress=False)
+    assert len(again.history) == 4 and torch.equal(again.h, first.h)  # restored from the file, not run afresh

@@ -2,7 +2,11 @@
 
 from .hypergrad import Hypergradient, NotPositiveDefiniteError, hypergradient
 from .objectives import (
+    CV,
     CrossValidation,
+    Elbo,
+    Holdout,
+    Laplace,
     Curvature,
     ElboEvidence,
     LaplaceEvidence,
@@ -22,7 +26,11 @@ from .select import Selection, Step, select_hyperparameters
 __version__ = "0.1.0"
 
 __all__ = [
+    "CV",
     "Checkpoint",
+    "Elbo",
+    "Holdout",
+    "Laplace",
     "CrossValidation",
     "ElboEvidence",
     "Hypergradient",

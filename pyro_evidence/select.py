@@ -28,10 +28,10 @@ from .hypergrad import METHODS
 from .hypergrad.implicit import check_validation
 from .hypergrad.unrolled import UNROLLED
 from .linalg import NotPositiveDefiniteError
-from .objectives import OBJECTIVES
+from .objectives import ObjectiveSpec, as_objective
 from .problem import Problem
 from .search import SEARCH_METHODS, SearchInterrupted, SearchOptions, history_of, search
-from .util import check_positive_int, fingerprint
+from .util import check_options, check_positive_int, fingerprint
 
 __all__ = ["Selection", "select_hyperparameters"]
 
@@ -78,7 +78,7 @@ def _check_choice(kind, value, choices):
 
 
 def select_hyperparameters(
-    model, *args, objective: str = "laplace", method: str = "ift-exact", hyperparameters=None,
+    model, *args, objective: str | ObjectiveSpec = "laplace", method: str = "ift-exact", hyperparameters=None,
     model_kwargs: dict | None = None, init_loc_fn=None, optimizer: str | None = None, lr: float | None = None,
     max_steps: int = 100, tol: float | None = None, progress: bool | None = None, objective_options: dict | None = None,
     method_options: dict | None = None, search: SearchOptions | dict | None = None,
@@ -89,8 +89,11 @@ def select_hyperparameters(
 
     :param model: a Pyro model whose prior takes its hyperparameters from ``pyro.param``.
     :param args: the data: tensors sharing their first dimension, on the device and in the dtype to use.
-    :param str objective: ``"laplace"`` (the Laplace log evidence), ``"elbo"`` (a diagonal Gaussian
-        posterior's ELBO), ``"cv"`` (k-fold cross-validation) or ``"holdout"``; see :data:`OBJECTIVES`.
+    :param objective: an objective with its options, :class:`~pyro_evidence.objectives.spec.Laplace` (the
+        Laplace log evidence, e.g. ``Laplace(hessian="kron")``), :class:`~pyro_evidence.objectives.spec.Elbo`
+        (a diagonal Gaussian posterior's ELBO), :class:`~pyro_evidence.objectives.spec.CV` (k-fold
+        cross-validation) or :class:`~pyro_evidence.objectives.spec.Holdout`; or its name (``"laplace"``,
+        ``"elbo"``, ``"cv"``, ``"holdout"``) with ``objective_options``.
     :param str method: a hypergradient method of :data:`~pyro_evidence.hypergrad.METHODS` (``"ift-exact"``,
         ``"ift-cg"``, …, ``"drmad"``), an outer loop (``"hoag"``; ``"graves"``, ELBO only) or a black-box
         search (``"grid"``, ``"random"``, ``"gp"``). docs/hypergradients.md says what each drops.
@@ -104,9 +107,9 @@ def select_hyperparameters(
     :param int max_steps: outer evaluations at most.
     :param float tol: stop at ``max |dQ/dh| ≤ tol`` (unconstrained ``h``); default 1e-6 in float64.
     :param progress: show a tqdm bar; default: only in a terminal.
-    :param dict objective_options: the objective's own: ``{"hessian": "kron", "logdet": "slq", "jitter": …}``
-        for the Laplace evidence, ``{"num_particles": 128}`` for the ELBO, ``{"k": 10, "stratify": labels}`` for
-        CV; ``"max_iter"`` (500) bounds each inner solve's L-BFGS iterations.
+    :param dict objective_options: with an objective's name, its options: ``{"hessian": "kron", "logdet": "slq",
+        "jitter": …}`` for the Laplace evidence, ``{"num_particles": 128}`` for the ELBO, ``{"k": 10, "stratify":
+        labels}`` for CV; ``"max_iter"`` (500) bounds each inner solve's L-BFGS iterations.
     :param dict method_options: the method's, e.g. ``{"tol": 1e-8}`` for CG, ``{"terms": 100}`` for Neumann,
         ``{"schedule": "cubic"}`` for HOAG.
     :param search: :class:`~pyro_evidence.search.SearchOptions` (or a dict of them) of a black-box search:
@@ -115,33 +118,31 @@ def select_hyperparameters(
         selection: written as it goes, resumed with ``resume=True``, locked against a second writer.
     :rtype: Selection
     """
-    search, checkpoint, objective_options = _regroup(deprecated, objective, search, checkpoint, objective_options)
+    search, checkpoint, spec = _regroup(deprecated, objective, search, checkpoint, objective_options)
     method_options = dict(method_options or {})
-    optimizer = _check_arguments(objective, method, optimizer, lr, max_steps, search, checkpoint, objective_options,
-                                 method_options)
+    optimizer = _check_arguments(spec.name, method, optimizer, lr, max_steps, search, checkpoint, method_options)
     problem = Problem(model, *args, model_kwargs=model_kwargs, hyperparameters=hyperparameters,
                       require_hyperparameters=True, init_loc_fn=init_loc_fn)
-    obj = OBJECTIVES[objective](problem, **objective_options)
+    obj = spec.bind(problem)
     tol = max(1e-6, 10 * torch.finfo(problem.dtype).eps ** 0.5) if tol is None else tol
-    bar = tqdm(total=max_steps, desc=f"select ({objective}, {method})", disable=None if progress is None else not progress)
+    bar = tqdm(total=max_steps, desc=f"select ({spec.name}, {method})", disable=None if progress is None else not progress)
     if method in SEARCH_METHODS:
-        return _black_box(obj, problem, method, search, max_steps, bar, objective, tol)
-    return _gradient(obj, objective, method, optimizer, lr, tol, max_steps, objective_options, method_options, checkpoint, bar)
+        return _black_box(obj, problem, method, search, max_steps, bar, spec.name, tol)
+    return _gradient(obj, spec, method, optimizer, lr, tol, max_steps, method_options, checkpoint, bar)
 
 
-def _gradient(obj, objective, method, optimizer, lr, tol, max_steps, objective_options, method_options, checkpoint, bar):
+def _gradient(obj, spec, method, optimizer, lr, tol, max_steps, method_options, checkpoint, bar):
     """A gradient-based selection: one evaluator handed to the method's outer loop."""
     problem = obj.problem
     schedule = method_options.pop("schedule", "quadratic") if method == "hoag" else None
     # HOAG's step is a CG solve to its schedule's tolerance; Graves' update needs no hypergradient
-    evaluate = _Evaluator(obj, {"hoag": "ift-cg", "graves": None}.get(method, method), method_options,
-                          objective_options.get("jitter", 0.0), bar)
-    keyed = {k: v for k, v in objective_options.items() if k not in _SOLVER_OPTIONS}
-    key = fingerprint(problem, objective=objective, method=method, optimizer=optimizer, objective_options=keyed,
+    evaluate = _Evaluator(obj, {"hoag": "ift-cg", "graves": None}.get(method, method), method_options, bar)
+    keyed = {k: v for k, v in spec.options.items() if k not in _SOLVER_OPTIONS}
+    key = fingerprint(problem, objective=spec.name, method=method, optimizer=optimizer, objective_options=keyed,
                       **getattr(obj, "key", {}))
     saver = Saver(None) if checkpoint is None else Saver(checkpoint.path, checkpoint.every, checkpoint.resume, key, problem)
     stopped = _run(method, evaluate, obj, optimizer, lr, tol, max_steps, schedule, saver, bar)
-    return _selection(evaluate.progress, problem, objective, method, tol, stopped)
+    return _selection(evaluate.progress, problem, spec.name, method, tol, stopped)
 
 
 # objective options that were keywords of select_hyperparameters, kept out of the run's fingerprint as they were
@@ -154,8 +155,9 @@ _DEPRECATED = {
 
 
 def _regroup(deprecated, objective, search, checkpoint, objective_options):
-    """The options in their groups: ``search`` and ``checkpoint`` as their classes, the objective's options as a
-    dict; the flat keywords of earlier versions moved into them with a ``FutureWarning``."""
+    """The options in their groups: ``search`` and ``checkpoint`` as their classes, the objective as an
+    :class:`~pyro_evidence.objectives.spec.ObjectiveSpec`; the flat keywords of earlier versions moved into
+    them with a ``FutureWarning``."""
     unknown = sorted(set(deprecated) - set(_DEPRECATED))
     if unknown:
         raise TypeError(f"select_hyperparameters() got an unexpected keyword argument {unknown[0]!r}")
@@ -163,17 +165,14 @@ def _regroup(deprecated, objective, search, checkpoint, objective_options):
         moves = "; ".join(f"{name}= in {_DEPRECATED[name]}=" for name in deprecated)
         warnings.warn(f"select_hyperparameters({', '.join(f'{n}=…' for n in deprecated)}) is deprecated: pass {moves} "
                       "instead (see docs/search.md)", FutureWarning, stacklevel=3)
-    objective_options = dict(objective_options or {})
-    for name in ("jitter", "hessian"):
-        if name in deprecated:
-            if objective != "laplace":
-                raise ValueError(f"{name}= is an option of objective='laplace'; objective={objective!r} would ignore it")
-            objective_options.setdefault(name, deprecated[name])
+    spec = as_objective(objective, objective_options)
+    moved = {name: deprecated[name] for name in ("jitter", "hessian") if name in deprecated}
+    if moved and spec.name != "laplace":
+        raise ValueError(f"{next(iter(moved))}= is an option of objective='laplace'; objective={spec.name!r} would ignore it")
     if "inner_max_iter" in deprecated:
         check_positive_int("inner_max_iter", deprecated["inner_max_iter"])
-        objective_options.setdefault("max_iter", deprecated["inner_max_iter"])
-    if "max_iter" in objective_options:
-        check_positive_int("objective_options 'max_iter'", objective_options["max_iter"])
+        moved["max_iter"] = deprecated["inner_max_iter"]
+    spec = spec.with_defaults(**moved) if moved else spec
     fields = {n: deprecated[n] for n in _DEPRECATED if _DEPRECATED[n] == "search" and n in deprecated}
     if fields or isinstance(search, dict):
         given = search if isinstance(search, dict) else (dataclasses.asdict(search) if search is not None else {})
@@ -185,12 +184,11 @@ def _regroup(deprecated, objective, search, checkpoint, objective_options):
         checkpoint = dataclasses.replace(checkpoint, **persist)
     elif checkpoint is None and persist.get("resume"):
         raise ValueError("resume=True needs checkpoint= (the file to resume from)")
-    return search, checkpoint, objective_options
+    return search, checkpoint, spec
 
 
-def _check_arguments(objective, method, optimizer, lr, max_steps, search, checkpoint, objective_options, method_options):
+def _check_arguments(objective, method, optimizer, lr, max_steps, search, checkpoint, method_options):
     """Refuses a bad or ignored argument with a message that names it; returns the outer optimiser's name."""
-    _check_choice("objective", objective, OBJECTIVES)
     _check_choice("method", method, {**METHODS, "graves": None, "hoag": None, **dict.fromkeys(SEARCH_METHODS)})
     if method == "graves" and objective != "elbo":
         raise ValueError(
@@ -200,7 +198,6 @@ def _check_arguments(objective, method, optimizer, lr, max_steps, search, checkp
     optimizer = optimizer or ("lbfgs" if method in ("ift-exact", "ift-cg") else "adam")
     _check_choice("optimizer", optimizer, ("lbfgs", "adam", "sgd"))
     check_positive_int("max_steps", max_steps)
-    _check_options("objective_options", objective_options, OBJECTIVES[objective], f"objective {objective!r}")
     _check_method_options(method, method_options)
     if checkpoint is not None:
         check_path(checkpoint.path, checkpoint.resume, checkpoint.overwrite)
@@ -263,9 +260,10 @@ class _Evaluator:
     runs the inner optimisation itself, that method from there), then the hypergradient; each evaluation
     recorded in ``progress``. What a method needs besides is read from its registry entry."""
 
-    def __init__(self, obj, method, options, jitter, bar):
+    def __init__(self, obj, method, options, bar):
         self.obj, self.method, self.bar = obj, METHODS.get(method), bar
-        self.options, self.jitter = dict(options), jitter
+        # the dense Hessian handed to the method is the one the objective's evidence uses
+        self.options, self.jitter = dict(options), getattr(obj, "jitter", 0.0)
         needs = self.method.needs if self.method is not None else ()
         if "per_example" in needs:
             self.options["per_example"] = obj.per_example_loss
@@ -332,19 +330,6 @@ def _check_ignored(method, objective, optimizer, lr, search, checkpoint):
         raise ValueError(f"{name}= is an option of {owner}; method={method!r} with objective={objective!r} would ignore it")
 
 
-def _check_options(label, options, fn, owner, skip=0, extra=()):
-    """Refuses keys of ``options`` that ``fn`` (a function or a class) does not take."""
-    target = fn.__init__ if isinstance(fn, type) else fn
-    params = list(inspect.signature(target).parameters.values())[skip:]
-    accepted = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} | set(extra)
-    if isinstance(fn, type):  # an objective: its own options and the inner solver's (Objective.__init__)
-        accepted |= {"max_iter", "tol"}
-        accepted -= {"self", "problem"}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ValueError(f"{label} {unknown[0]!r} is not an option of {owner}; its options are {sorted(accepted)}")
-
-
 def _check_method_options(method, options):
     if method in SEARCH_METHODS or method == "graves":
         if options:
@@ -355,16 +340,14 @@ def _check_method_options(method, options):
     if given:
         raise ValueError(f"method_options {sorted(given)[0]!r} is set by select_hyperparameters itself; leave it out")
     if method == "hoag":  # the schedule sets CG's tolerance, the loop its warm start
-        accepted = {"schedule", "max_iter", "damping", "mode"}
-        unknown = sorted(set(options) - accepted)
-        if unknown:
-            raise ValueError(
-                f"method_options {unknown[0]!r} is not an option of method 'hoag' (its schedule sets CG's tolerance); "
-                f"its options are {sorted(accepted)}"
-            )
+        check_options("method_options", options, {"schedule", "max_iter", "damping", "mode"},
+                      "method 'hoag' (its schedule sets CG's tolerance)")
         return
-    extra = ("batch_size", "seed") if method in UNROLLED else ()
-    _check_options("method_options", options, METHODS[method].fn, f"method {method!r}", skip=4, extra=extra)
+    # past the four positional arguments every method takes: inner_loss, validation, theta, h
+    params = list(inspect.signature(METHODS[method].fn).parameters.values())[4:]
+    accepted = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    accepted |= {"batch_size", "seed"} if method in UNROLLED else set()
+    check_options("method_options", options, accepted, f"method {method!r}")
 
 
 def _black_box(obj, problem, method, options, max_steps, bar, objective, tol):

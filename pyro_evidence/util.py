@@ -21,7 +21,8 @@ import numpy as np
 import pyro
 import torch
 
-__all__ = ["isolated_params", "preserved_rng", "seeded", "fingerprint", "describe", "digest", "mismatch", "check_positive_int"]
+__all__ = ["isolated_params", "preserved_rng", "seeded", "fingerprint", "describe", "digest", "mismatch", "check_positive_int",
+           "check_options"]
 
 
 @contextlib.contextmanager
@@ -144,3 +145,10 @@ def check_positive_int(name, value):
     """Refuses a count that is not a positive int (a bool or a float is not one), naming it."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_options(label: str, options: dict, accepted, owner: str):
+    """Refuses a key of ``options`` that is not in ``accepted``, naming it, its owner and the accepted ones."""
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{label} {unknown[0]!r} is not an option of {owner}; its options are {sorted(accepted)}")

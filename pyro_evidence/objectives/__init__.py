@@ -5,13 +5,16 @@ from .cv import CrossValidation, CrossValidationObjective, HoldoutObjective, cv_
 from .elbo import ElboEvidence, ElboObjective, elbo_evidence
 from .curvature import Curvature
 from .laplace import LaplaceEvidence, LaplaceObjective, laplace_evidence, laplace_hypergradient
-
-OBJECTIVES = {
-    cls.name: cls for cls in (LaplaceObjective, ElboObjective, CrossValidationObjective, HoldoutObjective)
-}
+from .spec import CV, OBJECTIVES, Elbo, Holdout, Laplace, ObjectiveSpec, as_objective
 
 __all__ = [
     "OBJECTIVES",
+    "CV",
+    "Elbo",
+    "Holdout",
+    "Laplace",
+    "ObjectiveSpec",
+    "as_objective",
     "CrossValidation",
     "CrossValidationObjective",
     "HoldoutObjective",

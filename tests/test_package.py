@@ -61,3 +61,15 @@ def test_every_result_calls_its_main_value_value():
     for result, named in ((ev, ev.log_evidence), (elbo, elbo.elbo), (sel, sel.objective), (cv, cv.per_fold.sum()),
                           (hg, hg.value)):
         assert torch.equal(torch.as_tensor(result.value), torch.as_tensor(named)), type(result).__name__
+
+
+def test_ci_runs_the_readme_test_command():
+    """The README opens with its two commands; ``.ci/run`` runs the second as written there."""
+    root = PACKAGE.parent
+    readme = (root / "README.md").read_text().splitlines()
+    block = readme[readme.index("```bash") + 1:]
+    block = block[: block.index("```")]
+    assert block[0] == "# install and run the demo" and block[1].endswith("pyro-evidence demo")
+    assert block[2] == "# install and run the whole test suite" and len(block) == 4
+    ci = (root / ".ci" / "run").read_text().rstrip().splitlines()
+    assert ci[-1] == block[3] and block[3].endswith("python -m pytest")

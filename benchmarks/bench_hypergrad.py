@@ -93,10 +93,10 @@ METHOD_OPTIONS = {
     "larsen": {},
     "greedy": {"lr": 1e-3},
     "darts": {"lr": 1e-3},
-    "forward": {"steps": 10, "lr": 1e-3},
-    "rmad": {"steps": 10, "lr": 1e-3},
-    "truncated": {"steps": 10, "lr": 1e-3, "last": 5},
-    "drmad": {"steps": 10, "lr": 1e-3},
+    "forward": {"num_steps": 10, "lr": 1e-3},
+    "rmad": {"num_steps": 10, "lr": 1e-3},
+    "truncated": {"num_steps": 10, "lr": 1e-3, "last": 5},
+    "drmad": {"num_steps": 10, "lr": 1e-3},
 }
 TARGETS = {"ift-cg": 2 * K + 2, "ift-neumann": 2 * K + 2}
 
@@ -224,7 +224,7 @@ def memory_rows(etas):
                 v = 0.9 * v - 0.1 * g_
                 theta = theta + 1e-3 * v
             Q(theta, hh)
-        r = hypergradient(L, Q, theta0, h, method="rmad", steps=eta, lr=1e-3, momentum=0.9)
+        r = hypergradient(L, Q, theta0, h, method="rmad", num_steps=eta, lr=1e-3, momentum=0.9)
         state = 2 * 50 * 8  # θ and v as int64
         out.append((eta, saved[0], r.info["buffer_bytes"] + state))
     return out
@@ -246,7 +246,7 @@ def unrolled_errors():
     theta0, h = torch.zeros(20, dtype=torch.float64), torch.zeros(20, dtype=torch.float64)
     out = []
     for lr in (1e-3, 1e-2):
-        kw = {"steps": 100, "lr": lr, "momentum": 0.9}
+        kw = {"num_steps": 100, "lr": lr, "momentum": 0.9}
         exact = hypergradient(L, Q, theta0, h, method="rmad", **kw).grad
         for method, extra in (("truncated", {"last": 10}), ("truncated", {"last": 50}), ("drmad", {})):
             approx = hypergradient(L, Q, theta0, h, method=method, **kw, **extra).grad

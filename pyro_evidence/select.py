@@ -120,6 +120,8 @@ def select_hyperparameters(
     """
     search, checkpoint, spec = _regroup(deprecated, objective, search, checkpoint, objective_options)
     method_options = dict(method_options or {})
+    if method in METHODS:
+        method_options = METHODS[method].upgrade(method_options)
     optimizer = _check_arguments(spec.name, method, optimizer, lr, max_steps, search, checkpoint, method_options)
     problem = Problem(model, *args, model_kwargs=model_kwargs, hyperparameters=hyperparameters,
                       require_hyperparameters=True, init_loc_fn=init_loc_fn)

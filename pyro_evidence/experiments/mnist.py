@@ -52,7 +52,7 @@ class Mnist(Setup):
             "mnist", mlp_classifier, (X, y), {"prior_precision_1": (), "prior_precision_2": ()}, (-4.0, 10.0), (-5.0, 11.0),
             iterations=3 if fast else 25, calibration_iterations=2 if fast else 3, metric="accuracy",
             model_kwargs={"hidden": 300}, inner_max_iter=20,
-            unrolled={"steps": 20, "lr": 1e-4, "momentum": 0.9},
+            unrolled={"num_steps": 20, "lr": 1e-4, "momentum": 0.9},
             cg={"max_iter": 20, "tol": 1e-3, "damping": 1.0},
             greedy={"lr": 1e-4},
             objective_options={"cv": {"k": 4, "stratify": y.cpu()}, "elbo": {"num_particles": 4}},

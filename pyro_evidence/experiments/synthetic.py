@@ -69,7 +69,7 @@ class Synthetic(Setup):
         super().__init__(
             "synthetic", _linear_ard, (X.to(device), y.to(device)), {"prior_precision": 12}, (-2.0, 10.0), (-2.5, 10.5),
             iterations=3 if fast else 50, calibration_iterations=3 if fast else 10, metric="RMSE",
-            fixed={"noise_precision": 1.0}, unrolled={"steps": 100, "lr": 1e-3, "momentum": 0.9},
+            fixed={"noise_precision": 1.0}, unrolled={"num_steps": 100, "lr": 1e-3, "momentum": 0.9},
         )
 
     def evaluate(self, alpha, seed):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .greedy import GREEDY
@@ -23,18 +24,31 @@ class Method:
     - ``"per_example"``: the per-example inner losses (``per_example=``);
     - ``"trajectory"``: nothing — it runs the inner optimisation itself from ``θ`` (its ``θ_0``) and returns
       the end point in ``info["theta"]``; it takes a minibatch loss as ``step_loss=``.
+
+    ``renamed`` maps an option's earlier name to its name now; :meth:`upgrade` moves it with a ``FutureWarning``.
     """
 
     fn: Callable
     needs: frozenset = frozenset()
+    renamed: dict = field(default_factory=dict)
 
     def __call__(self, *args, **options):
         return self.fn(*args, **options)
 
+    def upgrade(self, options: dict, stacklevel: int = 3) -> dict:
+        """``options`` with the earlier names replaced by the current ones (a ``FutureWarning`` for each)."""
+        old = [name for name in self.renamed if name in options]
+        if not old:
+            return options
+        for name in old:
+            warnings.warn(f"option {name}= is now {self.renamed[name]}=", FutureWarning, stacklevel=stacklevel)
+        return {self.renamed.get(k, k): v for k, v in options.items()}
+
 
 METHODS = {
     **{name: Method(fn) for name, fn in {**IMPLICIT, **GREEDY}.items()},
-    **{name: Method(fn, frozenset({"trajectory"})) for name, fn in UNROLLED.items()},
+    # the trajectory's length is a fixed count, named num_steps like num_particles (it was steps=)
+    **{name: Method(fn, frozenset({"trajectory"}), {"steps": "num_steps"}) for name, fn in UNROLLED.items()},
 }
 METHODS["ift-exact"] = Method(IMPLICIT["ift-exact"], frozenset({"hessian"}))
 METHODS["larsen"] = Method(IMPLICIT["larsen"], frozenset({"per_example"}))
@@ -52,7 +66,7 @@ def hypergradient(inner_loss, validation, theta, h, method: str = "ift-exact", *
     :param str method: one of :data:`METHODS`; ``options`` go to it (``tol``, ``max_iter``,
         ``damping``, ``x0`` for CG; ``alpha``, ``terms`` for Neumann; ``lr`` for T1–T2, greedy
         and DARTS; ``eps`` for DARTS; ``per_example`` for Larsen; ``hessian``, ``jitter`` for the
-        dense solve; ``steps``, ``lr``, ``momentum``, ``step_loss``, ``last`` for the unrolled
+        dense solve; ``num_steps``, ``lr``, ``momentum``, ``step_loss``, ``last`` for the unrolled
         methods, where ``theta`` is the starting point ``θ_0``). HOAG is an outer loop, not a
         hypergradient: ``select_hyperparameters(method="hoag")``; its inner step is ``"ift-cg"``.
     :returns: :class:`~pyro_evidence.hypergrad.implicit.Hypergradient`.
@@ -80,4 +94,5 @@ def hypergradient(inner_loss, validation, theta, h, method: str = "ift-exact", *
             f"theta and h must be flat 1-D tensors, got shapes {tuple(theta.shape)} and {tuple(h.shape)}"
         )
     check_validation(validation, theta, h)
+    options = METHODS[method].upgrade(options)
     return METHODS[method](inner_loss, validation, theta.detach(), h.detach(), **options)

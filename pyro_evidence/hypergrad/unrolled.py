@@ -63,9 +63,9 @@ def quantize_momentum(momentum: float) -> float:
     return max(1, min(_GAMMA_DEN - 1, round(momentum * _GAMMA_DEN))) / _GAMMA_DEN
 
 
-def _check(steps, lr):
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+def _check(num_steps, lr):
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
 
@@ -75,17 +75,17 @@ def _losses(inner_loss, step_loss):
     return step_loss if step_loss is not None else (lambda theta, h, t: inner_loss(theta, h))
 
 
-def _sgd_float(loss, theta, h, lr, gamma, steps):
+def _sgd_float(loss, theta, h, lr, gamma, num_steps):
     v = torch.zeros_like(theta)
-    for t in range(steps):
+    for t in range(num_steps):
         v = gamma * v - (1 - gamma) * grad(loss)(theta, h, t)
         theta = theta + lr * v
     return theta, v
 
 
-def forward(inner_loss, validation, theta, h, *, steps: int = 100, lr: float = 0.1, momentum: float = 0.9, step_loss=None):
-    """Forward-mode hypergradient through ``steps`` of momentum SGD from ``theta``."""
-    _check(steps, lr)
+def forward(inner_loss, validation, theta, h, *, num_steps: int = 100, lr: float = 0.1, momentum: float = 0.9, step_loss=None):
+    """Forward-mode hypergradient through ``num_steps`` of momentum SGD from ``theta``."""
+    _check(num_steps, lr)
     gamma = quantize_momentum(momentum)
     loss = _losses(inner_loss, step_loss)
     p = h.numel()
@@ -105,7 +105,7 @@ def forward(inner_loss, validation, theta, h, *, steps: int = 100, lr: float = 0
     v = torch.zeros_like(theta)
     Z_theta = torch.zeros(p + 2, theta.numel(), dtype=theta.dtype, device=theta.device)
     Z_v = torch.zeros_like(Z_theta)
-    for t in range(steps):
+    for t in range(num_steps):
         def tangent(zt, zv, zh, zl, zg):
             return jvp(lambda a, b, c, d, e: step(a, b, c, d, e, t), (theta, v, h, lr_t, gamma_t), (zt, zv, zh, zl, zg))
 
@@ -117,13 +117,13 @@ def forward(inner_loss, validation, theta, h, *, steps: int = 100, lr: float = 0
         value,
         total[:p] + g_h,
         g_h,
-        {"theta": theta, "lr_grad": total[p], "momentum_grad": total[p + 1], "momentum": gamma, "steps": steps},
+        {"theta": theta, "lr_grad": total[p], "momentum_grad": total[p + 1], "momentum": gamma, "num_steps": num_steps},
     )
 
 
 def _to_fixed(x):
     if float(x.abs().max()) * _RADIX >= 2.0**62:
-        raise OverflowError("a parameter left the fixed-point range (|θ|, |v| < 2²²); lower lr or steps")
+        raise OverflowError("a parameter left the fixed-point range (|θ|, |v| < 2²²); lower lr or num_steps")
     return torch.round(x * _RADIX).to(torch.int64)
 
 
@@ -131,7 +131,7 @@ def _from_fixed(x, like):
     return (x.to(torch.float64) / _RADIX).to(like.dtype)
 
 
-def _reverse(loss, validation, theta_T, v_T, h, lr, gamma, steps, keep, buffer):
+def _reverse(loss, validation, theta_T, v_T, h, lr, gamma, num_steps, keep, buffer):
     """Maclaurin et al.'s Algorithm 2 over the last ``keep`` steps, reversing the exact
     fixed-point trajectory (``buffer``: the remainders of the multiplications by ``γ``)."""
     p_num = round(gamma * _GAMMA_DEN)
@@ -142,7 +142,7 @@ def _reverse(loss, validation, theta_T, v_T, h, lr, gamma, steps, keep, buffer):
     d_v = torch.zeros_like(d_theta)
     d_lr = torch.zeros((), dtype=h.dtype, device=h.device)
     d_gamma = torch.zeros((), dtype=h.dtype, device=h.device)
-    for t in reversed(range(steps - keep, steps)):
+    for t in reversed(range(num_steps - keep, num_steps)):
         v = _from_fixed(v_i, h)
         d_lr = d_lr + torch.dot(d_theta, v)
         # θ_t = θ_{t−1} + α v_t, exactly as the forward pass rounded it
@@ -161,12 +161,12 @@ def _reverse(loss, validation, theta_T, v_T, h, lr, gamma, steps, keep, buffer):
     return value, d_h, partial, d_lr, d_gamma, theta_i, v_i
 
 
-def _forward_fixed(loss, theta, h, lr, gamma, steps):
+def _forward_fixed(loss, theta, h, lr, gamma, num_steps):
     """The forward pass in fixed point, keeping 16 bits per parameter and step."""
     p_num = round(gamma * _GAMMA_DEN)
     theta_i, v_i = _to_fixed(theta), torch.zeros(theta.shape, dtype=torch.int64, device=theta.device)
-    buffer = torch.empty(steps, theta.numel(), dtype=torch.int16, device=theta.device)
-    for t in range(steps):
+    buffer = torch.empty(num_steps, theta.numel(), dtype=torch.int16, device=theta.device)
+    for t in range(num_steps):
         g = grad(loss)(_from_fixed(theta_i, h), h, t)
         product = v_i * p_num
         buffer[t] = (torch.remainder(product, _GAMMA_DEN) - 2**15).to(torch.int16)
@@ -174,58 +174,58 @@ def _forward_fixed(loss, theta, h, lr, gamma, steps):
         v_i = v_i - torch.round((1 - gamma) * g.to(torch.float64) * _RADIX).to(torch.int64)
         theta_i = theta_i + torch.round(lr * v_i.to(torch.float64)).to(torch.int64)
         if float(theta_i.abs().max()) >= 2.0**62 / 4:
-            raise OverflowError("a parameter left the fixed-point range (|θ| < 2²⁰); lower lr or steps")
+            raise OverflowError("a parameter left the fixed-point range (|θ| < 2²⁰); lower lr or num_steps")
     return theta_i, v_i, buffer
 
 
-def rmad(inner_loss, validation, theta, h, *, steps: int = 100, lr: float = 0.1, momentum: float = 0.9, step_loss=None, last: int | None = None):
-    """Reverse mode through ``steps`` of momentum SGD, the trajectory recomputed backwards
+def rmad(inner_loss, validation, theta, h, *, num_steps: int = 100, lr: float = 0.1, momentum: float = 0.9, step_loss=None, last: int | None = None):
+    """Reverse mode through ``num_steps`` of momentum SGD, the trajectory recomputed backwards
     exactly (fixed point plus an information buffer) instead of stored; ``last`` = ``L`` stops
     the reverse pass after the last ``L`` steps (``truncated``)."""
-    _check(steps, lr)
+    _check(num_steps, lr)
     gamma = quantize_momentum(momentum)
     loss = _losses(inner_loss, step_loss)
-    keep = steps if last is None else last
-    if not 1 <= keep <= steps:
-        raise ValueError(f"last must lie in [1, steps = {steps}], got {last}")
-    theta_i, v_i, buffer = _forward_fixed(loss, theta, h, lr, gamma, steps)
+    keep = num_steps if last is None else last
+    if not 1 <= keep <= num_steps:
+        raise ValueError(f"last must lie in [1, num_steps = {num_steps}], got {last}")
+    theta_i, v_i, buffer = _forward_fixed(loss, theta, h, lr, gamma, num_steps)
     theta_T = _from_fixed(theta_i, h)
-    value, d_h, partial, d_lr, d_gamma, theta0_i, _ = _reverse(loss, validation, theta_i, v_i, h, lr, gamma, steps, keep, buffer)
-    info = {"theta": theta_T, "lr_grad": d_lr, "momentum_grad": d_gamma, "momentum": gamma, "steps": steps, "buffer_bytes": buffer.numel() * 2}
-    if keep == steps:  # the reversal must land on θ_0 exactly
+    value, d_h, partial, d_lr, d_gamma, theta0_i, _ = _reverse(loss, validation, theta_i, v_i, h, lr, gamma, num_steps, keep, buffer)
+    info = {"theta": theta_T, "lr_grad": d_lr, "momentum_grad": d_gamma, "momentum": gamma, "num_steps": num_steps, "buffer_bytes": buffer.numel() * 2}
+    if keep == num_steps:  # the reversal must land on θ_0 exactly
         info["reversal_error"] = float((theta0_i - _to_fixed(theta)).abs().max())
     return Hypergradient(value, d_h, partial, info)
 
 
-def truncated(inner_loss, validation, theta, h, *, steps: int = 100, lr: float = 0.1, momentum: float = 0.9, step_loss=None, last: int = 10):
-    """Reverse mode through the last ``last`` of ``steps`` momentum-SGD steps only."""
-    return rmad(inner_loss, validation, theta, h, steps=steps, lr=lr, momentum=momentum, step_loss=step_loss, last=last)
+def truncated(inner_loss, validation, theta, h, *, num_steps: int = 100, lr: float = 0.1, momentum: float = 0.9, step_loss=None, last: int = 10):
+    """Reverse mode through the last ``last`` of ``num_steps`` momentum-SGD steps only."""
+    return rmad(inner_loss, validation, theta, h, num_steps=num_steps, lr=lr, momentum=momentum, step_loss=step_loss, last=last)
 
 
-def drmad(inner_loss, validation, theta, h, *, steps: int = 100, lr: float = 0.1, momentum: float = 0.9, step_loss=None):
+def drmad(inner_loss, validation, theta, h, *, num_steps: int = 100, lr: float = 0.1, momentum: float = 0.9, step_loss=None):
     """The reverse pass on the linear path from ``θ_0`` to ``θ_η`` (Fu et al. 2016)."""
-    _check(steps, lr)
+    _check(num_steps, lr)
     gamma = quantize_momentum(momentum)
     loss = _losses(inner_loss, step_loss)
     theta0 = theta
-    theta_T, _ = _sgd_float(loss, theta, h, lr, gamma, steps)
-    v = (theta_T - theta0) / (steps * lr)  # the constant velocity of the linear path
+    theta_T, _ = _sgd_float(loss, theta, h, lr, gamma, num_steps)
+    v = (theta_T - theta0) / (num_steps * lr)  # the constant velocity of the linear path
     (d_theta, d_h), value = grad_and_value(validation, argnums=(0, 1))(theta_T, h)
     partial = d_h
     d_v = torch.zeros_like(d_theta)
     d_lr = torch.zeros((), dtype=h.dtype, device=h.device)
     d_gamma = torch.zeros((), dtype=h.dtype, device=h.device)
-    for t in reversed(range(steps)):
+    for t in reversed(range(num_steps)):
         d_lr = d_lr + torch.dot(d_theta, v)
         d_v = d_v + lr * d_theta
-        theta_t = theta0 + (t / steps) * (theta_T - theta0)
+        theta_t = theta0 + (t / num_steps) * (theta_T - theta0)
         g, vjp_fn = vjp(lambda a, b: grad(loss)(a, b, t), theta_t, h)
         d_gamma = d_gamma + torch.dot(d_v, v + g)
         d_theta_hvp, d_h_mixed = vjp_fn(d_v)
         d_theta = d_theta - (1 - gamma) * d_theta_hvp
         d_h = d_h - (1 - gamma) * d_h_mixed
         d_v = gamma * d_v
-    return Hypergradient(value, d_h, partial, {"theta": theta_T, "lr_grad": d_lr, "momentum_grad": d_gamma, "momentum": gamma, "steps": steps})
+    return Hypergradient(value, d_h, partial, {"theta": theta_T, "lr_grad": d_lr, "momentum_grad": d_gamma, "momentum": gamma, "num_steps": num_steps})
 
 
 UNROLLED = {"forward": forward, "rmad": rmad, "truncated": truncated, "drmad": drmad}

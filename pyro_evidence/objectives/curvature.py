@@ -767,14 +767,14 @@ class SLQEstimate:
     solves: torch.Tensor
 
 
-def slq_logdet(matvec, d: int, like, num_probes: int = 30, steps: int = 40, seed: int = 0) -> SLQEstimate:
+def slq_logdet(matvec, d: int, like, num_probes: int = 30, lanczos_steps: int = 40, seed: int = 0) -> SLQEstimate:
     """
     Stochastic Lanczos quadrature of ``log det C`` for a symmetric positive definite ``C`` given as a batched
-    ``matvec`` (``(m, d) → (m, d)``): for each Rademacher probe ``z``, ``k`` Lanczos steps from ``z/‖z‖`` with full
+    ``matvec`` (``(m, d) → (m, d)``): for each Rademacher probe ``z``, ``k = lanczos_steps`` Lanczos steps from ``z/‖z‖`` with full
     reorthogonalisation give a tridiagonal ``T = U diag(ϑ) Uᵀ`` and ``zᵀ log(C) z ≈ ‖z‖² Σ_i U_{0i}² log ϑ_i``
     (Gauss quadrature; Ubaru, Chen & Saad 2017). Raises :class:`NotPositiveDefiniteError` at a Ritz value ``≤ 0``.
     """
-    steps = min(steps, d)
+    steps = min(lanczos_steps, d)
     g = torch.Generator().manual_seed(seed)
     Z = (torch.randint(0, 2, (num_probes, d), generator=g) * 2 - 1).to(like)
     with torch.no_grad():

@@ -59,7 +59,7 @@ def test_forward_and_rmad_equal_autograd_through_the_stored_loop(method, minibat
     steps, lr, momentum = 100, 0.01, 0.9
     loss = step_loss if minibatch else (lambda t_, h_, _: L(t_, h_))
     value, g_h, g_lr, g_gamma = reference(loss, Q, theta0, h, lr, quantize_momentum(momentum), steps)
-    hg = hypergradient(L, Q, theta0, h, method=method, steps=steps, lr=lr, momentum=momentum, step_loss=step_loss if minibatch else None)
+    hg = hypergradient(L, Q, theta0, h, method=method, num_steps=steps, lr=lr, momentum=momentum, step_loss=step_loss if minibatch else None)
     assert_close(hg.value, value, rtol=1e-10)
     assert_close(hg.grad, g_h, rtol=1e-8)
     assert_close(hg.info["lr_grad"], g_lr, rtol=1e-8)
@@ -73,7 +73,7 @@ def test_truncated_with_all_steps_is_rmad_and_drmad_is_measured():
     L, Q, _ = logistic_problem()
     theta0 = torch.zeros(6, dtype=torch.float64)
     h = torch.linspace(-1, 1, 6, dtype=torch.float64)
-    kw = {"steps": 100, "lr": 0.01, "momentum": 0.9}
+    kw = {"num_steps": 100, "lr": 0.01, "momentum": 0.9}
     full = hypergradient(L, Q, theta0, h, method="rmad", **kw)
     assert torch.equal(hypergradient(L, Q, theta0, h, method="truncated", last=100, **kw).grad, full.grad)
     short = hypergradient(L, Q, theta0, h, method="truncated", last=10, **kw)
@@ -84,6 +84,20 @@ def test_truncated_with_all_steps_is_rmad_and_drmad_is_measured():
     # the fixed-point trajectory and the float one end at the same θ_η, up to the 2⁻⁴⁰ rounding
     assert_close(short.info["theta"], dr.info["theta"], rtol=1e-9)
 
+
+
+def test_the_earlier_steps_option_still_works_with_a_warning(cancer_small):
+    L, Q, _ = logistic_problem()
+    theta0, h = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    new = hypergradient(L, Q, theta0, h, method="rmad", num_steps=20, lr=0.01)
+    with pytest.warns(FutureWarning, match="option steps= is now num_steps="):
+        old = hypergradient(L, Q, theta0, h, method="rmad", steps=20, lr=0.01)
+    assert torch.equal(old.grad, new.grad) and old.info["num_steps"] == 20
+    X, y = cancer_small
+    with pytest.warns(FutureWarning, match="option steps= is now num_steps="):
+        sel = select_hyperparameters(logistic_regression, X, y, method="drmad", method_options={"steps": 5}, max_steps=1,
+                                     progress=False)
+    assert len(sel.history) == 1
 
 def test_a_float_reversal_would_not_do():
     """Reversing momentum SGD in floats divides by γ every step: round-off grows like γ^−η."""
@@ -105,19 +119,19 @@ def test_bad_unrolled_options():
     theta0, h = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
     with pytest.raises(ValueError, match="momentum must lie in"):
         hypergradient(L, Q, theta0, h, method="rmad", momentum=1.0)
-    with pytest.raises(ValueError, match="steps must be a positive int"):
-        hypergradient(L, Q, theta0, h, method="forward", steps=0)
+    with pytest.raises(ValueError, match="num_steps must be a positive int"):
+        hypergradient(L, Q, theta0, h, method="forward", num_steps=0)
     with pytest.raises(ValueError, match="lr must be > 0"):
         hypergradient(L, Q, theta0, h, method="drmad", lr=-0.1)
     with pytest.raises(ValueError, match="last must lie in"):
-        hypergradient(L, Q, theta0, h, method="truncated", steps=10, last=11)
+        hypergradient(L, Q, theta0, h, method="truncated", num_steps=10, last=11)
 
 
 @pytest.mark.parametrize("objective", ["laplace", "elbo", "cv"])
 @pytest.mark.parametrize("method", ["forward", "rmad", "truncated", "drmad"])
 def test_unrolled_methods_improve_every_objective(cancer_small, objective, method):
     X, y = cancer_small
-    options = {"steps": 40, "lr": 0.01}
+    options = {"num_steps": 40, "lr": 0.01}
     if objective != "elbo":
         options["batch_size"] = 50
     sel = select_hyperparameters(

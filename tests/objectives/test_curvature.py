@@ -165,7 +165,7 @@ def test_slq_log_det_lies_within_its_error_bars_at_d_2000():
     op = model.ggn_operator(theta, h)
     errors = []
     for seed in range(20):
-        est = slq_logdet(op, d, theta, num_probes=30, steps=30, seed=seed)
+        est = slq_logdet(op, d, theta, num_probes=30, lanczos_steps=30, seed=seed)
         errors.append(float((est.value - truth) / est.se))
     assert max(abs(e) for e in errors) < 3, errors
     assert 0.3 < torch.tensor(errors).std() < 2.0  # the stated error is the error's actual size, not a blanket

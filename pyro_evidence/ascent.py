@@ -8,12 +8,17 @@ hypergradient, recorded in a :class:`~pyro_evidence.checkpoint.Progress` — and
   inner problem fails), Adam, or plain gradient ascent, checkpointing as it goes;
 - :func:`hoag`: Pedregosa's adaptive step with rejection and a shrinking CG tolerance;
 - :func:`coordinate_ascent`: Graves' alternation of the fit of ``q`` and the prior's closed-form update.
+
+The last two are methods of their own, entries of :data:`OUTER_LOOPS` (:class:`OuterLoop`) that say what
+the selection must hand them; the selection names none of them.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.func import grad
@@ -21,7 +26,8 @@ from torch.func import grad
 from .checkpoint import Best, Progress, Saver, Step
 from .optim import minimize
 
-__all__ = ["NonFinite", "SCHEDULES", "ascend", "coordinate_ascent", "hoag", "lbfgs_step", "outer_optimizer"]
+__all__ = ["NonFinite", "OUTER_LOOPS", "OuterLoop", "SCHEDULES", "ascend", "coordinate_ascent", "hoag", "lbfgs_step",
+           "outer_optimizer"]
 
 
 class NonFinite(Exception):
@@ -157,4 +163,40 @@ def coordinate_ascent(obj, h, progress: Progress, max_steps, tol, start, on_step
         if moved <= tol:
             progress.fixed_point = True
             break
+    else:
+        progress.fixed_point = False
     progress.theta = theta
+
+
+@dataclass(frozen=True)
+class OuterLoop:
+    """
+    A selection method that is an outer loop of its own, not a hypergradient handed to L-BFGS, Adam or
+    SGD: ``run(evaluate, obj, h, progress, max_steps, tol, lr, **own)``, the hypergradient method its
+    evaluations compute (None: it needs none), its own options and those it passes to that method, and
+    the one objective it serves where it serves only one.
+    """
+
+    run: Callable
+    description: str
+    hypergradient: str | None = None
+    own: frozenset = frozenset()
+    passed: frozenset = frozenset()
+    objective: str | None = None
+    takes_lr: bool = True
+
+
+def _hoag(evaluate, obj, h, progress, max_steps, tol, lr, schedule="quadratic"):
+    hoag(evaluate, h, max_steps, tol, schedule, lr)
+
+
+def _graves(evaluate, obj, h, progress, max_steps, tol, lr):
+    coordinate_ascent(obj, h, progress, max_steps, tol, evaluate.start, evaluate.show)
+
+
+OUTER_LOOPS = {
+    # HOAG's step is a CG solve to its schedule's tolerance, warm-started by the loop (x0)
+    "hoag": OuterLoop(_hoag, "HOAG's adaptive step", "ift-cg", frozenset({"schedule"}),
+                      frozenset({"max_iter", "damping", "mode"})),
+    "graves": OuterLoop(_graves, "Graves' closed-form update", objective="elbo", takes_lr=False),
+}

@@ -55,7 +55,7 @@ class Progress:
     history: list = field(default_factory=list)
     best: Best | None = None
     cache: tuple | None = None  # (h, hypergradient) of the last evaluation
-    fixed_point: bool = False  # Graves' coordinate ascent reached its fixed point
+    fixed_point: bool | None = None  # set by a loop that judges convergence by its fixed point (Graves')
 
     def record(self, step: Step, best: Best):
         self.history.append(step)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .ascent import NonFinite, ascend, coordinate_ascent, hoag
+from .ascent import OUTER_LOOPS, NonFinite, ascend
 from .checkpoint import Best, Checkpoint, CheckpointLock, Progress, Saver, Step, check_path
 from .hypergrad import METHODS
 from .hypergrad.implicit import check_validation
@@ -136,14 +136,14 @@ def select_hyperparameters(
 def _gradient(obj, spec, method, optimizer, lr, tol, max_steps, method_options, checkpoint, bar):
     """A gradient-based selection: one evaluator handed to the method's outer loop."""
     problem = obj.problem
-    schedule = method_options.pop("schedule", "quadratic") if method == "hoag" else None
-    # HOAG's step is a CG solve to its schedule's tolerance; Graves' update needs no hypergradient
-    evaluate = _Evaluator(obj, {"hoag": "ift-cg", "graves": None}.get(method, method), method_options, bar)
+    loop = OUTER_LOOPS.get(method)
+    own = {k: method_options.pop(k) for k in (loop.own if loop else ()) if k in method_options}
+    evaluate = _Evaluator(obj, loop.hypergradient if loop else method, method_options, bar)
     keyed = {k: v for k, v in spec.options.items() if k not in _SOLVER_OPTIONS}
     key = fingerprint(problem, objective=spec.name, method=method, optimizer=optimizer, objective_options=keyed,
                       **getattr(obj, "key", {}))
     saver = Saver(None) if checkpoint is None else Saver(checkpoint.path, checkpoint.every, checkpoint.resume, key, problem)
-    stopped = _run(method, evaluate, obj, optimizer, lr, tol, max_steps, schedule, saver, bar)
+    stopped = _run(loop, own, evaluate, obj, optimizer, lr, tol, max_steps, saver, bar)
     return _selection(evaluate.progress, problem, spec.name, method, tol, stopped)
 
 
@@ -191,11 +191,10 @@ def _regroup(deprecated, objective, search, checkpoint, objective_options):
 
 def _check_arguments(objective, method, optimizer, lr, max_steps, search, checkpoint, method_options):
     """Refuses a bad or ignored argument with a message that names it; returns the outer optimiser's name."""
-    _check_choice("method", method, {**METHODS, "graves": None, "hoag": None, **dict.fromkeys(SEARCH_METHODS)})
-    if method == "graves" and objective != "elbo":
-        raise ValueError(
-            f"method='graves' is the closed-form prior update of the ELBO; it needs objective='elbo', not {objective!r}"
-        )
+    _check_choice("method", method, {**METHODS, **OUTER_LOOPS, **dict.fromkeys(SEARCH_METHODS)})
+    loop = OUTER_LOOPS.get(method)
+    if loop is not None and loop.objective not in (None, objective):
+        raise ValueError(f"method={method!r} ({loop.description}) needs objective={loop.objective!r}, not {objective!r}")
     _check_ignored(method, objective, optimizer, lr, search, checkpoint)
     optimizer = optimizer or ("lbfgs" if method in ("ift-exact", "ift-cg") else "adam")
     _check_choice("optimizer", optimizer, ("lbfgs", "adam", "sgd"))
@@ -206,16 +205,15 @@ def _check_arguments(objective, method, optimizer, lr, max_steps, search, checkp
     return optimizer
 
 
-def _run(method, evaluate, obj, optimizer, lr, tol, max_steps, schedule, saver, bar):
-    """Runs the outer loop; returns why it stopped early (``"interrupted"``, ``"non-finite"``) or None."""
+def _run(loop, own, evaluate, obj, optimizer, lr, tol, max_steps, saver, bar):
+    """Runs the outer loop (``loop``, with its ``own`` options, or the L-BFGS/Adam/SGD ascent); returns why it
+    stopped early (``"interrupted"``, ``"non-finite"``) or None."""
     progress, h = evaluate.progress, obj.h_init.detach().clone()
     lock = CheckpointLock(saver.path) if saver.path is not None else contextlib.nullcontext()
     try:
         with lock:
-            if method == "graves":
-                coordinate_ascent(obj, h, progress, max_steps, tol, evaluate.start, evaluate.show)
-            elif method == "hoag":
-                hoag(evaluate, h, max_steps, tol, schedule, lr)
+            if loop is not None:
+                loop.run(evaluate, obj, h, progress, max_steps, tol, lr, **own)
             else:
                 ascend(optimizer, evaluate, h.requires_grad_(True), lr, tol, max_steps, progress, saver)
     except KeyboardInterrupt:
@@ -241,7 +239,7 @@ def _run(method, evaluate, obj, optimizer, lr, tol, max_steps, schedule, saver, 
 
 def _selection(progress, problem, objective, method, tol, stopped):
     best = progress.best
-    converged = best.grad_norm <= tol if method != "graves" else progress.fixed_point
+    converged = best.grad_norm <= tol if progress.fixed_point is None else progress.fixed_point
     problem.write_params(best.h)
     return Selection(
         hyperparameters={k: v.detach() for k, v in problem.params(best.h).items()},
@@ -321,19 +319,20 @@ def _check_ignored(method, objective, optimizer, lr, search, checkpoint):
     else:
         ignored += [(n, "the gradient methods") for n, v in (("optimizer", optimizer), ("lr", lr), ("checkpoint", checkpoint))
                     if v is not None]
-    if method in ("hoag", "graves"):
-        why = "HOAG's adaptive step" if method == "hoag" else "Graves' closed-form update"
-        ignored += [(n, f"the L-BFGS/Adam/SGD outer loop; {why} has its own loop")
+    loop = OUTER_LOOPS.get(method)
+    if loop is not None:
+        ignored += [(n, f"the L-BFGS/Adam/SGD outer loop; {loop.description} has its own loop")
                     for n, v in (("optimizer", optimizer), ("checkpoint", checkpoint)) if v is not None]
-    if method == "graves" and lr is not None:
-        ignored.append(("lr", "the gradient steps (Graves' update is an exact maximisation)"))
+        if not loop.takes_lr and lr is not None:
+            ignored.append(("lr", f"the gradient steps ({loop.description} takes no step size)"))
     if ignored:
         name, owner = ignored[0]
         raise ValueError(f"{name}= is an option of {owner}; method={method!r} with objective={objective!r} would ignore it")
 
 
 def _check_method_options(method, options):
-    if method in SEARCH_METHODS or method == "graves":
+    loop = OUTER_LOOPS.get(method)
+    if method in SEARCH_METHODS or (loop is not None and not loop.own | loop.passed):
         if options:
             raise ValueError(f"method_options {sorted(options)[0]!r}: method {method!r} takes no method_options")
         return
@@ -341,9 +340,8 @@ def _check_method_options(method, options):
     given = set(options) & internal
     if given:
         raise ValueError(f"method_options {sorted(given)[0]!r} is set by select_hyperparameters itself; leave it out")
-    if method == "hoag":  # the schedule sets CG's tolerance, the loop its warm start
-        check_options("method_options", options, {"schedule", "max_iter", "damping", "mode"},
-                      "method 'hoag' (its schedule sets CG's tolerance)")
+    if loop is not None:
+        check_options("method_options", options, loop.own | loop.passed, f"method {method!r} ({loop.description})")
         return
     # past the four positional arguments every method takes: inner_loss, validation, theta, h
     params = list(inspect.signature(METHODS[method].fn).parameters.values())[4:]

@@ -106,7 +106,7 @@ def test_progress_bar_is_shown_when_asked(capsys):
         # options the chosen method or objective would silently ignore
         ({"method_options": {"terms": 5}}, "method_options 'terms' is not an option of method 'ift-exact'; its options are"),
         ({"method": "ift-neumann", "method_options": {"tol": 1e-3}}, "'tol' is not an option of method 'ift-neumann'"),
-        ({"method": "hoag", "method_options": {"tol": 1e-3}}, "'tol' is not an option of method 'hoag' \\(its schedule sets CG's tolerance\\)"),
+        ({"method": "hoag", "method_options": {"tol": 1e-3}}, "'tol' is not an option of method 'hoag' \\(HOAG's adaptive step\\)"),
         ({"method": "ift-cg", "method_options": {"x0": None}}, "'x0' is set by select_hyperparameters itself"),
         ({"method": "random", "method_options": {"tol": 1e-3}}, "method 'random' takes no method_options"),
         ({"n_trials": 10}, "n_trials= is an option of the black-box search"),  # the flat keywords of earlier versions

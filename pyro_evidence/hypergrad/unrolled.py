@@ -131,34 +131,68 @@ def _from_fixed(x, like):
     return (x.to(torch.float64) / _RADIX).to(like.dtype)
 
 
-def _reverse(loss, validation, theta_T, v_T, h, lr, gamma, num_steps, keep, buffer):
-    """Maclaurin et al.'s Algorithm 2 over the last ``keep`` steps, reversing the exact
-    fixed-point trajectory (``buffer``: the remainders of the multiplications by ``γ``)."""
-    p_num = round(gamma * _GAMMA_DEN)
-    theta_i, v_i = theta_T, v_T
-    theta = _from_fixed(theta_i, h)
-    (d_theta, d_h), value = grad_and_value(validation, argnums=(0, 1))(theta, h)
+def _reverse(loss, validation, theta_T, h, lr, gamma, path, first):
+    """Maclaurin et al.'s Algorithm 2, from the last step back to step ``first``, along ``path``: where
+    each step's ``θ_t`` and velocities come from (the exact reversal for ``rmad``, the straight line for
+    ``drmad``). Returns ``Q``, ``dQ/dh``, ``∂Q/∂h``, ``dQ/dα`` and ``dQ/dγ``."""
+    (d_theta, d_h), value = grad_and_value(validation, argnums=(0, 1))(theta_T, h)
     partial = d_h
     d_v = torch.zeros_like(d_theta)
     d_lr = torch.zeros((), dtype=h.dtype, device=h.device)
     d_gamma = torch.zeros((), dtype=h.dtype, device=h.device)
-    for t in reversed(range(num_steps - keep, num_steps)):
-        v = _from_fixed(v_i, h)
-        d_lr = d_lr + torch.dot(d_theta, v)
-        # θ_t = θ_{t−1} + α v_t, exactly as the forward pass rounded it
-        theta_i = theta_i - torch.round(lr * v_i.to(torch.float64)).to(torch.int64)
+    for t in reversed(range(first, path.num_steps)):
+        d_lr = d_lr + torch.dot(d_theta, path.velocity())  # θ_{t+1} = θ_t + α v_{t+1}
         d_v = d_v + lr * d_theta
-        theta = _from_fixed(theta_i, h)
-        g, vjp_fn = vjp(lambda a, b: grad(loss)(a, b, t), theta, h)
-        # v_t = γ v_{t−1} − (1−γ) g: undo the gradient term, then the multiplication by γ
-        gamma_v = v_i + torch.round((1 - gamma) * g.to(torch.float64) * _RADIX).to(torch.int64)
-        v_i = torch.div(gamma_v * _GAMMA_DEN + buffer[t].to(torch.int64) + 2**15, p_num, rounding_mode="floor")
-        d_gamma = d_gamma + torch.dot(d_v, _from_fixed(v_i, h) + g)
+        g, vjp_fn = vjp(lambda a, b: grad(loss)(a, b, t), path.position(t), h)
+        # v_{t+1} = γ v_t − (1−γ) g_t
+        d_gamma = d_gamma + torch.dot(d_v, path.previous_velocity(t, g) + g)
         d_theta_hvp, d_h_mixed = vjp_fn(d_v)
         d_theta = d_theta - (1 - gamma) * d_theta_hvp
         d_h = d_h - (1 - gamma) * d_h_mixed
         d_v = gamma * d_v
-    return value, d_h, partial, d_lr, d_gamma, theta_i, v_i
+    return value, d_h, partial, d_lr, d_gamma
+
+
+class _ExactPath:
+    """The fixed-point trajectory walked backwards exactly: ``θ_t`` and ``v_t`` recomputed from ``θ_{t+1}``,
+    ``v_{t+1}`` and the bits the multiplication by ``γ`` dropped (``buffer``)."""
+
+    def __init__(self, theta_i, v_i, buffer, lr, gamma, like):
+        self.theta_i, self.v_i, self.buffer, self.lr, self.gamma, self.like = theta_i, v_i, buffer, lr, gamma, like
+        self.num_steps = buffer.shape[0]
+
+    def velocity(self):
+        return _from_fixed(self.v_i, self.like)
+
+    def position(self, t):
+        # θ_t = θ_{t+1} − α v_{t+1}, exactly as the forward pass rounded it
+        self.theta_i = self.theta_i - torch.round(self.lr * self.v_i.to(torch.float64)).to(torch.int64)
+        return _from_fixed(self.theta_i, self.like)
+
+    def previous_velocity(self, t, g):
+        # undo the gradient term, then the multiplication by γ
+        gamma_v = self.v_i + torch.round((1 - self.gamma) * g.to(torch.float64) * _RADIX).to(torch.int64)
+        product = gamma_v * _GAMMA_DEN + self.buffer[t].to(torch.int64) + 2**15
+        self.v_i = torch.div(product, round(self.gamma * _GAMMA_DEN), rounding_mode="floor")
+        return _from_fixed(self.v_i, self.like)
+
+
+class _LinearPath:
+    """DrMAD's stand-in for the trajectory: ``θ_t = θ_0 + (t/η)(θ_η − θ_0)`` at the constant velocity
+    ``(θ_η − θ_0)/(η α)``."""
+
+    def __init__(self, theta0, theta_T, num_steps, lr):
+        self.theta0, self.delta, self.num_steps = theta0, theta_T - theta0, num_steps
+        self.v = self.delta / (num_steps * lr)
+
+    def velocity(self):
+        return self.v
+
+    def position(self, t):
+        return self.theta0 + (t / self.num_steps) * self.delta
+
+    def previous_velocity(self, t, g):
+        return self.v
 
 
 def _forward_fixed(loss, theta, h, lr, gamma, num_steps):
@@ -190,10 +224,12 @@ def rmad(inner_loss, validation, theta, h, *, num_steps: int = 100, lr: float = 
         raise ValueError(f"last must lie in [1, num_steps = {num_steps}], got {last}")
     theta_i, v_i, buffer = _forward_fixed(loss, theta, h, lr, gamma, num_steps)
     theta_T = _from_fixed(theta_i, h)
-    value, d_h, partial, d_lr, d_gamma, theta0_i, _ = _reverse(loss, validation, theta_i, v_i, h, lr, gamma, num_steps, keep, buffer)
-    info = {"theta": theta_T, "lr_grad": d_lr, "momentum_grad": d_gamma, "momentum": gamma, "num_steps": num_steps, "buffer_bytes": buffer.numel() * 2}
+    path = _ExactPath(theta_i, v_i, buffer, lr, gamma, h)
+    value, d_h, partial, d_lr, d_gamma = _reverse(loss, validation, theta_T, h, lr, gamma, path, num_steps - keep)
+    info = {"theta": theta_T, "lr_grad": d_lr, "momentum_grad": d_gamma, "momentum": gamma, "num_steps": num_steps,
+            "buffer_bytes": buffer.numel() * 2}
     if keep == num_steps:  # the reversal must land on θ_0 exactly
-        info["reversal_error"] = float((theta0_i - _to_fixed(theta)).abs().max())
+        info["reversal_error"] = float((path.theta_i - _to_fixed(theta)).abs().max())
     return Hypergradient(value, d_h, partial, info)
 
 
@@ -207,25 +243,11 @@ def drmad(inner_loss, validation, theta, h, *, num_steps: int = 100, lr: float =
     _check(num_steps, lr)
     gamma = quantize_momentum(momentum)
     loss = _losses(inner_loss, step_loss)
-    theta0 = theta
     theta_T, _ = _sgd_float(loss, theta, h, lr, gamma, num_steps)
-    v = (theta_T - theta0) / (num_steps * lr)  # the constant velocity of the linear path
-    (d_theta, d_h), value = grad_and_value(validation, argnums=(0, 1))(theta_T, h)
-    partial = d_h
-    d_v = torch.zeros_like(d_theta)
-    d_lr = torch.zeros((), dtype=h.dtype, device=h.device)
-    d_gamma = torch.zeros((), dtype=h.dtype, device=h.device)
-    for t in reversed(range(num_steps)):
-        d_lr = d_lr + torch.dot(d_theta, v)
-        d_v = d_v + lr * d_theta
-        theta_t = theta0 + (t / num_steps) * (theta_T - theta0)
-        g, vjp_fn = vjp(lambda a, b: grad(loss)(a, b, t), theta_t, h)
-        d_gamma = d_gamma + torch.dot(d_v, v + g)
-        d_theta_hvp, d_h_mixed = vjp_fn(d_v)
-        d_theta = d_theta - (1 - gamma) * d_theta_hvp
-        d_h = d_h - (1 - gamma) * d_h_mixed
-        d_v = gamma * d_v
-    return Hypergradient(value, d_h, partial, {"theta": theta_T, "lr_grad": d_lr, "momentum_grad": d_gamma, "momentum": gamma, "num_steps": num_steps})
+    path = _LinearPath(theta, theta_T, num_steps, lr)
+    value, d_h, partial, d_lr, d_gamma = _reverse(loss, validation, theta_T, h, lr, gamma, path, 0)
+    info = {"theta": theta_T, "lr_grad": d_lr, "momentum_grad": d_gamma, "momentum": gamma, "num_steps": num_steps}
+    return Hypergradient(value, d_h, partial, info)
 
 
 UNROLLED = {"forward": forward, "rmad": rmad, "truncated": truncated, "drmad": drmad}

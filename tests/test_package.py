@@ -73,3 +73,14 @@ def test_ci_runs_the_readme_test_command():
     assert block[2] == "# install and run the whole test suite" and len(block) == 4
     ci = (root / ".ci" / "run").read_text().rstrip().splitlines()
     assert ci[-1] == block[3] and block[3].endswith("python -m pytest")
+
+
+@pytest.mark.parametrize("path", [p for p in MODULES if p.name != "compat.py"], ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_private_attributes_of_other_libraries_are_reached_only_through_compat(path):
+    """``x._name`` on anything but ``self``/``cls`` must name something the module itself defines."""
+    tree = _tree(path)
+    own = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    reached = {(ast.unparse(n.value), n.attr) for n in ast.walk(tree)
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+               and ast.unparse(n.value) not in ("self", "cls") and n.attr not in own}
+    assert not reached, f"{path.name} reaches {sorted(reached)}: move it to compat.py"

@@ -143,9 +143,10 @@ def hoag(evaluate, h, max_steps, tol, schedule, lr):
             lipschitz *= 2.0
 
 
-def coordinate_ascent(obj, h, progress: Progress, max_steps, tol, start, on_step=None):
+def coordinate_ascent(obj, h, progress: Progress, max_steps, tol, start, on_step):
     """Graves (2011): alternate the fit of q (``θ ← argmin_θ L``) with the prior update
-    ``h ← argmax_h Q(θ, h)``. Neither half lowers ``Q``; stops at the fixed point."""
+    ``h ← argmax_h Q(θ, h)``. Neither half lowers ``Q``; stops at the fixed point. ``on_step(Q, step=…)``
+    is told each step's objective and move (the progress bar)."""
     problem = obj.problem
     theta = obj.theta_init
     for _ in range(max_steps):
@@ -158,8 +159,7 @@ def coordinate_ascent(obj, h, progress: Progress, max_steps, tol, start, on_step
         hp = {k: v.detach().clone() for k, v in problem.params(h).items()}
         progress.history.append(Step(float(value), hp, gmax, time.perf_counter() - start))
         progress.best = Best(float(value), h.clone(), theta, value.detach(), gmax)  # Q never falls
-        if on_step is not None:
-            on_step(float(value), step=moved)
+        on_step(float(value), step=moved)
         if moved <= tol:
             progress.fixed_point = True
             break

@@ -64,8 +64,7 @@ class Progress:
 
 
 def check_path(path, resume, overwrite):
-    if path is None:
-        return
+    """Refuses to resume from a missing file or to overwrite an existing one unasked."""
     if resume and not os.path.exists(path):
         raise FileNotFoundError(f"resume=True but there is no checkpoint at {path!r}")
     if not resume and os.path.exists(path) and not overwrite:

@@ -3,6 +3,7 @@ import warnings
 import pyro
 import pytest
 import torch
+from torch.distributions import constraints
 from sklearn.linear_model import BayesianRidge
 
 from pyro_evidence import Checkpoint, NotPositiveDefiniteError, SearchOptions, Selection, laplace_evidence, select_hyperparameters
@@ -123,6 +124,9 @@ def test_progress_bar_is_shown_when_asked(capsys):
         ({"objective": "elbo", "jitter": 1e-6}, "jitter= is an option of objective='laplace'"),
         ({"objective_options": {"k": 3}}, "objective_options 'k' is not an option of objective 'laplace'"),
         ({"objective": "cv", "objective_options": {"folds": 3}}, "objective_options 'folds' is not an option of objective 'cv'; its options are"),
+        ({"method": "hoag", "method_options": {"schedule": "linear"}}, "unknown HOAG schedule 'linear'"),
+        ({"method": "elbo"}, "unknown method 'elbo'"),
+        ({"method": "graves"}, "method='graves' \\(Graves' closed-form update\\) needs objective='elbo', not 'laplace'"),
     ],
 )
 def test_bad_options(kwargs, message):
@@ -347,3 +351,38 @@ def test_a_flat_resume_with_a_checkpoint_object_is_not_dropped(tmp_path):
         again = select_hyperparameters(linear_regression, X, y, optimizer="adam", lr=0.1, max_steps=4, tol=1e-12,
                                        checkpoint=Checkpoint(str(path)), resume=True, progress=False)
     assert len(again.history) == 4 and torch.equal(again.h, first.h)  # restored from the file, not run afresh
+
+
+def test_a_resume_without_its_file_is_refused(tmp_path):
+    X, y = diabetes()
+    with pytest.raises(FileNotFoundError, match="resume=True but there is no checkpoint at"):
+        select_hyperparameters(linear_regression, X, y, checkpoint=Checkpoint(str(tmp_path / "none.pt"), resume=True))
+
+
+def test_the_flat_inner_max_iter_is_the_objectives_max_iter():
+    X, y = diabetes()
+    grouped = select_hyperparameters(linear_regression, X, y, objective_options={"max_iter": 3}, max_steps=3, progress=False)
+    pyro.clear_param_store()
+    with pytest.warns(FutureWarning, match="inner_max_iter= in objective_options="):
+        flat = select_hyperparameters(linear_regression, X, y, inner_max_iter=3, max_steps=3, progress=False)
+    assert [s.objective for s in flat.history] == [s.objective for s in grouped.history]
+
+
+def test_hoag_stops_once_the_hypergradient_is_within_tol(bayesian_ridge):
+    X, y = diabetes()
+    sel = select_hyperparameters(linear_regression, X, y, method="hoag", tol=1e-2, max_steps=1000, lr=0.5, progress=False)
+    assert sel.converged and sel.grad_norm <= 1e-2 and len(sel.history) < 1000
+    # short of the optimum by about |dQ/dh|²/(2 |d²Q/dh²|): far below a hundredth of a nat
+    assert -1e-8 < bayesian_ridge.scores_[-1] - float(sel.objective) < 1e-3
+
+
+def test_a_hypergradient_that_is_not_finite_at_the_start_is_an_error():
+    def trap(X, y=None):
+        alpha = pyro.param("prior_precision", torch.tensor(1.0), constraint=constraints.positive)
+        # a finite value with a NaN gradient: the branch not taken has a NaN derivative, and 0 · NaN = NaN
+        pyro.factor("trap", torch.where(alpha > 0, torch.zeros(()), (alpha - 2).sqrt()))
+        return linear_regression(X, y)
+
+    X, y = diabetes()
+    with pytest.raises(FloatingPointError, match="not finite at the initial hyperparameters"):
+        select_hyperparameters(trap, X, y, progress=False)

@@ -3,14 +3,20 @@ What pyro-evidence needs from Pyro and torch that they expose only privately.
 
 Every use of another library's private attribute or method goes through this module, so that a release
 which moves one is one file's work; ``pyproject.toml`` bounds the versions it was written against
-(pyro-ppl 1.9, torch 2.11–2.13).
+(pyro-ppl 1.9, torch 2.11–2.13). From torch: ``TorchDispatchMode`` (``torch.utils._python_dispatch``; the
+documented way to see every ATen operation, used by :mod:`pyro_evidence.replay`) and whether a ``torch.func``
+transform is active (``torch._C._functorch``).
 """
 
 from __future__ import annotations
 
 import contextlib
 
-__all__ = ["autodiagonal_latents", "autonormal_loc_scale", "mask_of", "setup_prototype"]
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode as DispatchMode
+
+__all__ = ["DispatchMode", "autodiagonal_latents", "autonormal_loc_scale", "in_transform", "mask_of", "setup_prototype",
+           "written_arguments"]
 
 
 def autodiagonal_latents(guide, flat):
@@ -36,3 +42,17 @@ def setup_prototype(guide, wrap, *args, **kwargs):
 def mask_of(fn):
     """The boolean mask a ``MaskedDistribution`` applies (``_mask``)."""
     return fn._mask
+
+
+def in_transform() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, …) is active here
+    (``torch._C._functorch.peek_interpreter_stack``)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def written_arguments(func, args) -> list:
+    """The positional arguments an ATen operation writes to (``x`` in ``x.add_(y)``; from its schema, ``_schema``)."""
+    schema = func._schema
+    if not schema.is_mutable:
+        return []
+    return [x for x, a in zip(args, schema.arguments) if a.alias_info is not None and a.alias_info.is_write]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -30,6 +31,9 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints
+
+from .compat import in_transform
+from .replay import Unreplayable, record
 
 __all__ = ["Problem", "LatentSite", "HyperSite", "prepare_data"]
 
@@ -196,6 +200,27 @@ class Discover(Messenger):
     def _pyro_post_param(self, msg):
         msg["value"] = self._cast(msg["value"])
         _check_param(msg["name"], msg["value"])
+
+
+def _unvalidated(fn):
+    """``fn`` with Pyro's and torch's argument validation off for the whole call. A distribution made without
+    ``validate_args`` reads the global default when its ``log_prob`` runs, after the trace: validation there
+    would read tensor values into Python, which neither a recording nor ``vmap`` allows."""
+
+    @functools.wraps(fn)
+    def unvalidated(*args, **kwargs):
+        with pyro.validation_enabled(False):
+            return fn(*args, **kwargs)
+
+    return unvalidated
+
+
+def _example(x, start):
+    """A plain tensor shaped like ``x`` (which may be a ``torch.func`` wrapper) to record with: ``start``
+    where the shapes agree, zeros otherwise."""
+    if tuple(x.shape) == tuple(start.shape) and x.dtype == start.dtype and x.device == start.device:
+        return start
+    return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _check_param(name, value):
@@ -479,6 +504,7 @@ class Problem:
         self.observed = tuple(
             name for name, site in trace.nodes.items() if site["type"] == "sample" and site["is_observed"]
         )
+        self._record()
 
     def _first_run(self, init_loc_fn):
         """Traces the model once (the start point); returns the trace and which data arguments are integers.
@@ -519,6 +545,7 @@ class Problem:
         """The same model and sites on other data (cast to this problem's dtype and device)."""
         new = copy.copy(self)
         new.args, _, _ = prepare_data(args, self.dtype, self.device)
+        new._record()  # other data may give the model another structure
         return new
 
     # --- h ↔ constrained values -----------------------------------------------------------
@@ -560,9 +587,39 @@ class Problem:
             trace = pyro.poutine.trace(self.model).get_trace(*args, **self.model_kwargs)
         return trace, sub.log_jacobian
 
+    def _record(self):
+        """Records the log joint, its per-row terms and the pointwise log-likelihood on this problem's data
+        (:mod:`pyro_evidence.replay`), at ``θ`` and ``h`` of their starting shapes, before any ``torch.func``
+        transform needs them; where the model cannot be replayed the reason is kept in ``unreplayable``."""
+        self._recordings, self.unreplayable = {}, {}
+        for fn in (self._log_joint, self._terms, self._log_likelihood):
+            self._recording(fn, self.theta_init, self.h_init)
+
+    def _recording(self, fn, theta, h):
+        key = (fn.__name__, tuple(theta.shape), tuple(h.shape), theta.dtype, theta.device)
+        if key not in self._recordings and not in_transform():
+            try:
+                self._recordings[key] = record(fn, _example(theta, self.theta_init), _example(h, self.h_init))
+            except Unreplayable as e:
+                self._recordings[key], self.unreplayable[fn.__name__] = None, str(e)
+            except Exception:  # noqa: BLE001 — the model's own error, raised again where fn is called
+                self._recordings[key] = None
+        return self._recordings.get(key)
+
+    def _replay(self, fn, theta, h):
+        """``fn(θ, h)`` replayed from its recording for ``θ`` and ``h`` of these shapes, dtype and device
+        (made at the first call outside ``torch.func`` transforms); by running the model where there is none."""
+        recording = self._recording(fn, theta, h)
+        return fn(theta, h) if recording is None else recording(theta, h)
+
     def log_joint(self, theta, h, args=None):
         """``log p(y, w(θ) | h) + log|det ∂w/∂θ|`` — the unnormalised log posterior density of
-        ``θ`` in unconstrained space."""
+        ``θ`` in unconstrained space. On this problem's data the model is traced once and replayed
+        (:mod:`pyro_evidence.replay`)."""
+        return self._replay(self._log_joint, theta, h) if args is None else self._log_joint(theta, h, args)
+
+    @_unvalidated
+    def _log_joint(self, theta, h, args=None):
         trace, log_jacobian = self.trace(theta, h, args)
         total = log_jacobian
         for site in trace.nodes.values():
@@ -578,6 +635,10 @@ class Problem:
         plate, e.g. a hyperprior ``pyro.factor``). ``log_joint = prior + rows.sum()``; per-row
         weights of ``rows`` give cross-validation folds and minibatches.
         """
+        return self._replay(self._terms, theta, h) if args is None else self._terms(theta, h, args)
+
+    @_unvalidated
+    def _terms(self, theta, h, args=None):
         trace, log_jacobian = self.trace(theta, h, args)
         n = self.num_data if args is None else next(a for a in args if a is not None).shape[0]
         prior, rows = split_by_row(trace, log_jacobian, n)
@@ -610,6 +671,10 @@ class Problem:
 
     def log_likelihood(self, theta, h, args=None) -> dict:
         """Pointwise log-likelihood of each observed site, ``{name: tensor}``."""
+        return self._replay(self._log_likelihood, theta, h) if args is None else self._log_likelihood(theta, h, args)
+
+    @_unvalidated
+    def _log_likelihood(self, theta, h, args=None) -> dict:
         trace, _ = self.trace(theta, h, args)
         return {name: _site_log_prob(trace.nodes[name]) for name in self.observed}
 

@@ -7,7 +7,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "pyro_evidence"
 MODULES = sorted(PACKAGE.rglob("*.py"))
-BASE = {"linalg", "optim", "compat", "util"}  # imported from above by objectives, hypergrad and the selection
+BASE = {"linalg", "optim", "compat", "util", "replay"}  # imported from above by objectives, hypergrad and the selection
 
 
 def _tree(path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -36,8 +37,12 @@ def demo(
 
     :returns: a list of rows ``{degree, log_evidence, prior_precision, noise_precision}``.
     """
-    from . import datasets
+    from . import datasets, models
+    from .placement import choose_device
 
+    if device == "auto":
+        model = functools.partial(models.polynomial_regression, degree=max_degree)
+        device = choose_device(model, *datasets.sin_data(n=n, noise=noise, seed=seed))
     x, y = datasets.sin_data(n=n, noise=noise, seed=seed, device=device)
     t = 2 * x - 1
     with isolated_params():  # every degree on an empty store; the caller's store left as it was
@@ -182,7 +187,8 @@ def select(argv_args, out=sys.stdout):
     from .search import SEARCH_METHODS
 
     description, model, load = _cases()[argv_args.case]
-    args = load(argv_args.device)
+    auto = argv_args.device == "auto"
+    args = load("cpu" if auto else argv_args.device)
     a = argv_args
     search, checkpoint = None, None
     if a.method in SEARCH_METHODS:  # the search's options only where a search runs, as the library asks
@@ -196,7 +202,8 @@ def select(argv_args, out=sys.stdout):
     start = time.perf_counter()
     with isolated_params(clear=True):
         sel = select_hyperparameters(model, *args, objective=a.objective, method=a.method, max_steps=a.max_steps,
-                                     search=search, checkpoint=checkpoint, progress=None if a.progress else False)
+                                     search=search, checkpoint=checkpoint, progress=None if a.progress else False,
+                                     device="auto" if auto else None)
     seconds = time.perf_counter() - start
     print(f"{description}: objective={argv_args.objective}, method={argv_args.method}", file=out)
     print(f"{'hyperparameter':>20}  value", file=out)
@@ -206,7 +213,7 @@ def select(argv_args, out=sys.stdout):
     print(f"{'objective':>20}  {float(sel.objective):.6f}", file=out)
     print(f"{'evaluations':>20}  {len(sel.history)}", file=out)
     print(f"{'converged':>20}  {sel.converged}", file=out)
-    print(f"{'seconds':>20}  {seconds:.2f} on {args[0].device}", file=out)
+    print(f"{'seconds':>20}  {seconds:.2f} on {sel.problem.device}", file=out)
     return sel
 
 
@@ -223,7 +230,7 @@ def _parser():
     p.add_argument("--seed", type=int, default=0, help="data seed (0)")
     p.add_argument("--max-degree", type=int, default=9, help="largest degree tried (9)")
     p.add_argument("--output", default="pyro_evidence_demo.png", help="PNG path ('' for none)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (cpu)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda, or auto: the faster for the problem (cpu)")
     q = sub.add_parser("select", help="select hyperparameters of a reference model on built-in data")
     q.add_argument("--case", choices=list(_cases()), default="linear-diabetes", help="model and data (linear-diabetes)")
     q.add_argument("--objective", choices=sorted(OBJECTIVES), default="laplace", help="the validation function (laplace)")
@@ -238,7 +245,7 @@ def _parser():
     q.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --checkpoint with a new run")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default="cpu", help="torch device, e.g. cuda (cpu)")
+    q.add_argument("--device", default="cpu", help="torch device, e.g. cuda, or auto: the faster for the problem (cpu)")
     q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     e = sub.add_parser("experiment", help="the seed's experiments: the synthetic polynomial design or MNIST")
     e.add_argument("name", choices=["synthetic", "mnist"], help="which experiment")
@@ -251,12 +258,19 @@ def _parser():
                    help="mnist: average-pool the 28 × 28 images by this factor (1)")
     e.add_argument("--fast", action="store_true", help="one run, 3 iterations (mnist: 300 training images), for CI")
     e.add_argument("--output-dir", default="experiment_results", help="where the CSV and Markdown go")
-    e.add_argument("--device", default="cpu", help="torch device of the selections, e.g. cuda (cpu)")
+    e.add_argument("--device", default="cpu", help="torch device of the selections, e.g. cuda, or auto (cpu)")
     return parser
 
 
+def _setup(args, device):
+    from .experiments import EXPERIMENTS, Mnist
+
+    return Mnist(device, args.fast, args.pool) if args.name == "mnist" else EXPERIMENTS[args.name](device, args.fast)
+
+
 def _experiment(args, parser, argv):
-    from .experiments import EXPERIMENTS, METHODS, MNIST_METHODS, Mnist, run, write_results
+    from .experiments import METHODS, MNIST_METHODS, run, write_results
+    from .placement import choose_device
 
     methods = args.methods or (MNIST_METHODS if args.name == "mnist" else METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -264,7 +278,10 @@ def _experiment(args, parser, argv):
         parser.error(f"unknown method {unknown[0]!r}; the experiment's methods are {METHODS}")
     if args.runs < 1:
         parser.error(f"--runs must be >= 1, got {args.runs}")
-    setup = Mnist(args.device, args.fast, args.pool) if args.name == "mnist" else EXPERIMENTS[args.name](args.device, args.fast)
+    setup = _setup(args, "cpu" if args.device == "auto" else args.device)
+    if args.device == "auto":  # the faster device for the experiment's model on its data
+        device = choose_device(setup.model, *setup.args, model_kwargs=setup.model_kwargs)
+        setup = _setup(args, device) if device.type != "cpu" else setup
     if args.iterations is not None and not args.fast:
         if args.iterations < 1:
             parser.error(f"--iterations must be >= 1, got {args.iterations}")

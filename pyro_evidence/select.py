@@ -29,6 +29,7 @@ from .hypergrad.implicit import check_validation
 from .hypergrad.unrolled import UNROLLED
 from .linalg import NotPositiveDefiniteError
 from .objectives import ObjectiveSpec, as_objective
+from .placement import place
 from .problem import Problem
 from .search import SEARCH_METHODS, SearchInterrupted, SearchOptions, history_of, search
 from .util import check_options, check_positive_int, fingerprint
@@ -82,7 +83,7 @@ def select_hyperparameters(
     model_kwargs: dict | None = None, init_loc_fn=None, optimizer: str | None = None, lr: float | None = None,
     max_steps: int = 100, tol: float | None = None, progress: bool | None = None, objective_options: dict | None = None,
     method_options: dict | None = None, search: SearchOptions | dict | None = None,
-    checkpoint: Checkpoint | str | None = None, **deprecated,
+    checkpoint: Checkpoint | str | None = None, device: str | torch.device | None = None, **deprecated,
 ) -> Selection:
     """
     Selects the ``pyro.param`` hyperparameters of a Pyro model by maximising an objective.
@@ -116,6 +117,8 @@ def select_hyperparameters(
         trials, box, grid, storage shared between processes, study name, seed.
     :param checkpoint: :class:`~pyro_evidence.checkpoint.Checkpoint` (or its path) of a gradient-based
         selection: written as it goes, resumed with ``resume=True``, locked against a second writer.
+    :param device: where to run: None (default) where the data are, ``"auto"`` the faster of the CPU and the
+        GPU for this problem (:func:`~pyro_evidence.placement.choose_device`), or a torch device.
     :rtype: Selection
     """
     search, checkpoint, spec = _regroup(deprecated, objective, search, checkpoint, objective_options)
@@ -123,6 +126,7 @@ def select_hyperparameters(
     if method in METHODS:
         method_options = METHODS[method].upgrade(method_options)
     optimizer = _check_arguments(spec.name, method, optimizer, lr, max_steps, search, checkpoint, method_options)
+    args = place(device, model, args, model_kwargs, hyperparameters)
     problem = Problem(model, *args, model_kwargs=model_kwargs, hyperparameters=hyperparameters,
                       require_hyperparameters=True, init_loc_fn=init_loc_fn)
     obj = spec.bind(problem)

@@ -93,6 +93,14 @@ def hypergradient(inner_loss, validation, theta, h, method: str = "ift-exact", *
         raise ValueError(
             f"theta and h must be flat 1-D tensors, got shapes {tuple(theta.shape)} and {tuple(h.shape)}"
         )
-    check_validation(validation, theta, h)
     options = METHODS[method].upgrade(options)
-    return METHODS[method](inner_loss, validation, theta.detach(), h.detach(), **options)
+    # Q is checked only where the result points at it (an error, or nothing to select): the check is a
+    # forward pass of Q, a few per cent of a CG hypergradient
+    try:
+        hg = METHODS[method](inner_loss, validation, theta.detach(), h.detach(), **options)
+    except (RuntimeError, TypeError):
+        check_validation(validation, theta, h)
+        raise
+    if not (bool(hg.grad.any()) or bool(hg.partial.any())):
+        check_validation(validation, theta, h)
+    return hg

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import grad_and_value, jacrev
 
+from ..compat import in_transform
 from ..linalg import NotPositiveDefiniteError, cg, dense_solve, hvp_operator, mixed_vjp, neumann, power_iteration, value_grad_hessian
 
 __all__ = ["Hypergradient", "check_validation", "IMPLICIT", "ift_exact", "ift_cg", "ift_neumann", "t1_t2", "larsen"]
@@ -98,10 +99,36 @@ def ift_exact(inner_loss, validation, theta, h, *, jitter: float = 0.0, hessian=
 
 def ift_cg(inner_loss, validation, theta, h, *, tol: float = 1e-10, max_iter: int | None = None, damping: float = 0.0, x0=None, mode: str = "reverse-over-reverse"):
     """Conjugate gradient on ``(H + damping·I) v = ∂Q/∂θ`` with Hessian-vector products only
-    (one linearisation, then one backward pass per iteration)."""
+    (one linearisation, then one backward pass per iteration).
+
+    Outside ``torch.func`` transforms the products run on one autograd graph of ``∇_θ L`` built once, and
+    the mixed product ``(∂²L/∂h∂θ) v`` comes from the same graph: no forward pass is repeated (the result is
+    then detached); inside a transform, ``torch.func`` builds the same products functionally."""
+    if mode == "reverse-over-reverse" and not in_transform():
+        fast = _ift_cg_on_one_graph(inner_loss, validation, theta, h, tol, max_iter, damping, x0)
+        if fast is not None:
+            return fast
     value, g_theta, g_h = _partials(validation, theta, h)
     r = cg(hvp_operator(inner_loss, theta, h, mode=mode), g_theta, x0, tol=tol, max_iter=max_iter, damping=damping)
     return _finish(inner_loss, theta, h, value, g_h, r.x, iterations=r.iterations, residual=r.residual, converged=r.converged)
+
+
+def _ift_cg_on_one_graph(inner_loss, validation, theta, h, tol, max_iter, damping, x0):
+    """:func:`ift_cg` by plain autograd on one retained graph; None where ``L`` is linear in ``θ`` (no graph)."""
+    with torch.enable_grad():
+        t, u = theta.detach().requires_grad_(True), h.detach().requires_grad_(True)
+        value = validation(t, u)
+        g_theta, g_h = (x if x is not None else torch.zeros_like(y)
+                        for x, y in zip(torch.autograd.grad(value, (t, u), allow_unused=True), (t, u)))
+        (g,) = torch.autograd.grad(inner_loss(t, u), t, create_graph=True)
+        if not g.requires_grad:
+            return None
+        r = cg(lambda v: torch.autograd.grad(g, t, v, retain_graph=True)[0], g_theta, x0, tol=tol, max_iter=max_iter,
+               damping=damping)
+        (mixed,) = torch.autograd.grad(g, u, r.x, allow_unused=True)
+    grad_h = g_h if mixed is None else g_h - mixed
+    info = {"v": r.x.detach(), "iterations": r.iterations, "residual": r.residual, "converged": r.converged}
+    return Hypergradient(value.detach(), grad_h.detach(), g_h.detach(), info)
 
 
 def ift_neumann(inner_loss, validation, theta, h, *, alpha: float | None = None, terms: int = 50):

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pyro
 import pytest
@@ -113,6 +114,29 @@ def test_ift_cg_reaches_the_exact_hypergradient_within_d_iterations():
     assert hg.info["iterations"] <= 8
     assert_close(hg.grad, exact, rtol=1e-8)
     assert_close(hypergradient(L, Q, theta, h, method="ift-exact").grad, exact, rtol=1e-10)
+
+
+def test_ift_cg_on_one_autograd_graph_equals_the_functional_products():
+    """Outside transforms ift-cg runs on one retained autograd graph; inside, on torch.func's products:
+    the same K iterates, so the same hypergradient to round-off, at any K."""
+    from pyro_evidence.hypergrad.implicit import ift_cg
+
+    L, Q, _, theta, h, _, _ = ridge()
+    for k in (2, 5):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # k < d: CG stops short, as asked
+            graph = ift_cg(L, Q, theta, h, max_iter=k, tol=0.0)
+            functional = ift_cg(L, Q, theta, h, max_iter=k, tol=0.0, mode="forward-over-reverse")
+        assert graph.info["iterations"] == functional.info["iterations"] == k
+        assert_close(graph.grad, functional.grad, rtol=1e-12)
+        assert_close(graph.info["v"], functional.info["v"], rtol=1e-12)
+        assert graph.info["residual"] == pytest.approx(functional.info["residual"], rel=1e-8)
+
+
+def test_a_validation_that_is_not_a_scalar_is_named():
+    L, _, _, theta, h, _, _ = ridge()
+    with pytest.raises(ValueError, match="must return a scalar tensor"):
+        hypergradient(L, lambda t, h_: t * 2.0, theta, h, method="ift-cg")
 
 
 def test_ift_neumann_converges_term_by_term():

@@ -1,10 +1,12 @@
 """
 Time to bring the ELBO of a diagonal Gaussian guide within 0.05 nats of the optimal mean-field
 ELBO, on the standardised diabetes data (linear regression, α = 30, β = 2, float64):
-``elbo_evidence`` against a plain Pyro loop written as a user would (``SVI`` + ``Adam`` +
-``Trace_ELBO`` on an ``AutoDiagonalNormal``). The gap is computed in closed form for both.
+``elbo_evidence`` against plain Pyro loops (``SVI`` + ``Adam`` on an ``AutoDiagonalNormal``) with the
+estimator the library's ELBO follows — ``TraceMeanField_ELBO``, the KL in closed form, several particles
+vectorised — at each of several step sizes, the best of which is the comparison; single-particle
+``Trace_ELBO``, as a user writes it first, for reference. The gap is computed in closed form for all.
 
-Usage: python benchmarks/bench_elbo.py [--budget 60] [--repeats 5] [--output FILE]
+Usage: python benchmarks/bench_elbo.py [--budget 20] [--repeats 5] [--particles 8] [--lrs ...] [--output FILE]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal
 from torch.distributions import constraints
 
@@ -66,13 +68,19 @@ def ours(X, y, elbo, optimum):
     return seconds, optimum - elbo(loc, scale)
 
 
-def plain_svi(X, y, elbo, optimum, budget, lr, check_every=100):
-    """Returns [(seconds, gap)] at every check; the checks' own cost is not counted."""
+def estimator(name, particles):
+    if name == "Trace_ELBO":
+        return Trace_ELBO()
+    return TraceMeanField_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
+
+
+def plain_svi(X, y, elbo, optimum, budget, lr, loss, check_every=100):
+    """Returns [(seconds, step, gap)] at every check; the checks' own cost is not counted."""
     set_params()
     pyro.set_rng_seed(0)
     model = poutine.block(linear_regression, hide=["prior_precision", "noise_precision"])
     guide = AutoDiagonalNormal(model)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss)
     trail, spent, step = [], 0.0, 0
     while spent < budget:
         t = time.perf_counter()
@@ -88,8 +96,9 @@ def plain_svi(X, y, elbo, optimum, budget, lr, check_every=100):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=60.0, help="seconds for each plain SVI loop")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.01, 0.1])
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds for each plain SVI loop")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1])
+    parser.add_argument("--particles", type=int, default=8, help="particles of TraceMeanField_ELBO")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
@@ -102,16 +111,18 @@ def main(argv=None):
     ours_gap = max(g for _, g in runs)
 
     rows = []
-    for lr in args.lrs:
-        trail = plain_svi(X, y, elbo, optimum, args.budget, lr)
-        best = min(trail, key=lambda r: r[2])
-        reached = next((r for r in trail if r[2] <= 0.05), None)
-        rows.append((lr, trail[-1], best, reached))
+    for name in ("TraceMeanField_ELBO", "Trace_ELBO"):
+        for lr in args.lrs:
+            trail = plain_svi(X, y, elbo, optimum, args.budget, lr, estimator(name, args.particles))
+            best = min(trail, key=lambda r: r[2])
+            reached = next((r for r in trail if r[2] <= 0.05), None)
+            rows.append((name, lr, trail[-1], best, reached))
 
     lines = [
         "# ELBO benchmark: optimal mean-field guide on diabetes (442 × 10, float64)",
         "",
-        f"Command: `python benchmarks/bench_elbo.py --budget {args.budget:g} --repeats {args.repeats}`  ",
+        f"Command: `python benchmarks/bench_elbo.py --budget {args.budget:g} --repeats {args.repeats} --particles "
+        f"{args.particles} --lrs {' '.join(f'{lr:g}' for lr in args.lrs)}`  ",
         f"Commit: `{commit()}`  ",
         f"Machine: {machine(torch.device('cpu'))}  ",
         f"Date: {time.strftime('%Y-%m-%d')}",
@@ -124,22 +135,24 @@ def main(argv=None):
         f"| `pe.elbo_evidence` | {ours_time * 1e3:.0f} ms (median of {args.repeats}) | {ours_gap:.1e} (worst run) | "
         "L-BFGS + Newton on 64 whitened antithetic particles, closed-form KL |",
     ]
-    ratios = []
-    for lr, last, best, reached in rows:
+    for name, lr, last, best, reached in rows:
         note = f"best gap {best[2]:.3f} at {best[0]:.1f} s (step {best[1]})"
         if reached:
             note += f"; first within 0.05 at {reached[0]:.1f} s (step {reached[1]})"
+        what = f"`TraceMeanField_ELBO` ({args.particles} particles)" if name != "Trace_ELBO" else "`Trace_ELBO` (1 particle)"
         lines.append(
-            f"| SVI + Adam(lr={lr:g}) + `Trace_ELBO`, `AutoDiagonalNormal` | {last[0]:.1f} s ({last[1]} steps) | "
+            f"| SVI + Adam(lr={lr:g}) + {what}, `AutoDiagonalNormal` | {last[0]:.1f} s ({last[1]} steps) | "
             f"{last[2]:.3f} at the end | {note} |"
         )
-        # time the plain loop needed to reach the smallest gap it reached (or the target)
-        t_plain = reached[0] if reached else best[0]
-        ratios.append((lr, t_plain / ours_time, reached is not None))
     lines += [""]
-    for lr, ratio, hit in ratios:
-        what = "the 0.05-nat target" if hit else "its own best gap (it never reached the target)"
-        lines.append(f"- lr={lr:g}: the plain loop took **{ratio:.0f}×** longer to reach {what} than `elbo_evidence` took to reach the optimum.")
+    for name in ("TraceMeanField_ELBO", "Trace_ELBO"):
+        hits = [(r[4][0], r[1]) for r in rows if r[0] == name and r[4] is not None]
+        if hits:
+            seconds, lr = min(hits)
+            lines.append(f"- {name} at its best step size (lr={lr:g}): **{seconds / ours_time:.0f}×** the time of "
+                         "`elbo_evidence` to reach the 0.05-nat target (which `elbo_evidence` passes to round-off).")
+        else:
+            lines.append(f"- {name}: no step size reached the 0.05-nat target in {args.budget:g} s.")
     lines.append("")
     emit(lines, args.output)
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -30,26 +29,9 @@ from pyro_evidence.optim import minimize
 from pyro_evidence.problem import Problem
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import commit, emit, machine  # noqa: E402
+from common import commit, emit, machine, median_time  # noqa: E402
 
 ALPHA, BETA = 3.0, 2.0
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, repeats, device):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def set_params(logistic):

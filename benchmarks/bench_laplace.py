@@ -35,7 +35,7 @@ from pyro_evidence.datasets import diabetes
 from pyro_evidence.models import linear_regression
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import commit, emit, machine  # noqa: E402
+from common import commit, emit, machine, sync  # noqa: E402
 
 ALPHA, BETA = 30.0, 2.0
 
@@ -52,11 +52,6 @@ def set_params(device):
     kw = {"dtype": torch.float64, "device": device}
     pyro.param("prior_precision", torch.tensor(ALPHA, **kw), constraint=constraints.positive)
     pyro.param("noise_precision", torch.tensor(BETA, **kw), constraint=constraints.positive)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def ours(X, y, device):

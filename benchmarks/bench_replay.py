@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -27,7 +26,7 @@ from pyro_evidence.problem import Problem
 from pyro_evidence.replay import record
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import commit, emit, machine  # noqa: E402
+from common import commit, emit, machine, median_time  # noqa: E402
 
 
 def bare_log_joint(X, y, hidden, classes=10):
@@ -57,20 +56,6 @@ def traced_log_joint(problem):
             return trace.log_prob_sum() + log_jacobian
 
     return log_joint
-
-
-def median_time(fn, repeats, device):
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def row(pool, hidden, repeats, device):

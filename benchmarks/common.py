@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
+import time
 
 import pyro
 import torch
@@ -41,3 +43,22 @@ def emit(lines, output=None):
     if output:
         with open(output, "w") as f:
             f.write(text)
+
+
+def sync(device):
+    """Waits for a GPU's queued work, so that a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, repeats, device):
+    """The median wall time of ``fn()`` over ``repeats`` calls after one warm-up, the device synchronised."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad_and_value, hessian as _hessian, jacrev
 
+from .util import StopCheck
+
 __all__ = [
     "NotPositiveDefiniteError",
     "hessian",
@@ -167,6 +169,9 @@ def cg(matvec, b, x0=None, *, tol: float = 1e-10, max_iter: int | None = None, d
     runs out, and when it meets a direction of non-positive curvature (``A + damping·I`` not
     positive definite): it then returns the last iterate, which is finite.
 
+    The iteration never reads a value to the host: convergence and curvature are masks on the
+    device, and the loop asks whether to go on through :class:`~pyro_evidence.util.StopCheck`.
+
     :param x0: warm start.
     """
     if b.dim() != 1:
@@ -183,35 +188,37 @@ def cg(matvec, b, x0=None, *, tol: float = 1e-10, max_iter: int | None = None, d
     r = b - op(x) if x0 is not None else b.clone()
     p = r.clone()
     rs = torch.dot(r, r)
-    for it in range(1, max_iter + 1):
-        if float(rs.sqrt() / b_norm) <= tol:
-            return SolveResult(x, it - 1, float(rs.sqrt() / b_norm), True)
+    done = rs.sqrt() / b_norm <= tol
+    curved = torch.zeros_like(done)  # met a direction of non-positive curvature
+    updates = torch.zeros((), dtype=torch.long, device=b.device)
+    stop = StopCheck(b.device)
+    for _ in range(max_iter):
+        if stop(done | curved):
+            break
         Ap = op(p)
         curvature = torch.dot(p, Ap)
-        if float(curvature) <= 0:
-            warnings.warn(
-                f"cg met non-positive curvature at iteration {it} (the matrix is not positive "
-                f"definite{'' if damping else '; pass damping='}); returning the last iterate, relative "
-                f"residual {float(rs.sqrt() / b_norm):.3g}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return SolveResult(x, it - 1, float(rs.sqrt() / b_norm), False)
+        curved = curved | (~done & (curvature <= 0))
+        go = ~(done | curved)
         step = rs / curvature
-        x = x + step * p
-        r = r - step * Ap
+        x = torch.where(go, x + step * p, x)
+        r = torch.where(go, r - step * Ap, r)
         rs_new = torch.dot(r, r)
-        p = r + (rs_new / rs) * p
-        rs = rs_new
-    # the recurrence's residual, as at every iteration: the true one would cost one more product
-    residual = float(rs.sqrt() / b_norm)
-    if residual > tol:
-        warnings.warn(
-            f"cg did not converge in {max_iter} iterations: relative residual {residual:.3g} > tol {tol:g}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return SolveResult(x, max_iter, residual, residual <= tol)
+        p = torch.where(go, r + (rs_new / rs) * p, p)
+        rs = torch.where(go, rs_new, rs)
+        updates = updates + go
+        done = done | (rs.sqrt() / b_norm <= tol)
+    # the recurrence's residual: the true one would cost one more product
+    residual, iterations, curved = float(rs.sqrt() / b_norm), int(updates), bool(curved)
+    if curved:
+        _warn(f"cg met non-positive curvature at iteration {iterations + 1} (the matrix is not positive definite"
+              f"{'' if damping else '; pass damping='}); returning the last iterate, relative residual {residual:.3g}")
+    elif residual > tol:
+        _warn(f"cg did not converge in {max_iter} iterations: relative residual {residual:.3g} > tol {tol:g}")
+    return SolveResult(x, iterations, residual, residual <= tol and not curved)
+
+
+def _warn(message):
+    warnings.warn(message, RuntimeWarning, stacklevel=3)  # at the caller of cg
 
 
 def neumann(matvec, b, *, alpha: float, terms: int, tol: float = 1e-6) -> SolveResult:
@@ -229,26 +236,25 @@ def neumann(matvec, b, *, alpha: float, terms: int, tol: float = 1e-6) -> SolveR
     b_norm = b.norm().clamp(min=torch.finfo(b.dtype).tiny)
     p = b.clone()  # (I − αA)^j b
     x = alpha * p
-    residuals = []
-    for _ in range(terms + 1):
+    norms = []
+    for j in range(terms + 1):
         p = p - alpha * matvec(p)
-        residuals.append(float(p.norm() / b_norm))
-        if len(residuals) <= terms:
+        norms.append(p.norm())  # read once, after the series: a read per term would stall a GPU
+        if j < terms:
             x = x + alpha * p
+    residuals = (torch.stack(norms) / b_norm).tolist()
     return SolveResult(x, terms, residuals[-1], residuals[-1] <= tol, residuals)
 
 
 def power_iteration(matvec, dim: int, like, iterations: int = 20, seed: int = 0) -> float:
-    """An estimate of ``λ_max`` of a symmetric positive semi-definite operator."""
+    """An estimate of ``λ_max`` of a symmetric positive semi-definite operator (0 for the zero operator)."""
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(dim, generator=g, dtype=torch.float64).to(like)
     v = v / v.norm()
-    value = 0.0
+    value = torch.zeros((), dtype=v.dtype, device=v.device)
     for _ in range(iterations):
         w = matvec(v)
-        value = float(torch.dot(v, w))
         norm = w.norm()
-        if float(norm) == 0:
-            return 0.0
-        v = w / norm
-    return value
+        value = torch.where(norm > 0, torch.dot(v, w), 0.0)  # w = 0: v lies in the null space and stays there
+        v = torch.where(norm > 0, w / norm, v)
+    return float(value)

@@ -4,8 +4,8 @@ Deterministic full-batch minimisation of an inner loss over a flat ``θ``.
 Damped Newton steps with the dense Hessian (Armijo backtracking) run until the gradient stops
 shrinking (round-off level), so that the Laplace evidence and implicit hypergradients evaluated
 there are exact to working precision. Where Newton cannot make progress from the start point —
-the Hessian is not positive definite there, or the steps stall — L-BFGS with a strong-Wolfe line
-search brings ``θ`` into Newton's basin first, and Newton polishes its result — modified Newton
+the Hessian is not positive definite there, or the steps stall — L-BFGS with Armijo backtracking
+brings ``θ`` into Newton's basin first, and Newton polishes its result — modified Newton
 (``H + τI``, Nocedal & Wright 2006, §3.4) where L-BFGS stopped in a non-convex region.
 
 Newton goes first because the problems solved here are those whose dense Hessian is needed
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from .linalg import value_grad_hessian
+from .util import StopCheck
 
-__all__ = ["Minimum", "minimize"]
+__all__ = ["Minimum", "minimize", "newton", "lbfgs"]
 
 
 @dataclass
@@ -37,33 +38,71 @@ class Minimum:
     hessian: torch.Tensor | None = None
 
 
-def _lbfgs(fn, theta, max_iter, tol_grad):
-    theta = theta.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [theta],
-        lr=1.0,
-        max_iter=max_iter,
-        max_eval=int(max_iter * 1.25) + 1,
-        tolerance_grad=tol_grad,
-        tolerance_change=0.0,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
+def _two_loop(g, S, Y, rho, order, gamma):
+    """``−H g`` for the L-BFGS inverse-Hessian approximation ``H`` of the pairs ``(s_j, y_j)`` in the slots
+    ``order`` (newest first), ``ρ_j = 1/s_jᵀy_j`` (0 for an empty slot), ``H₀ = γI`` — Nocedal & Wright
+    2006, Algorithm 7.4."""
+    q, alphas = g, {}
+    for j in order:
+        alphas[j] = rho[j] * torch.dot(S[j], q)
+        q = q - alphas[j] * Y[j]
+    r = gamma * q
+    for j in reversed(order):
+        r = r + S[j] * (alphas[j] - rho[j] * torch.dot(Y[j], r))
+    return -r
 
-    def closure():
-        opt.zero_grad()
-        loss = fn(theta)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                "the inner loss is not finite at the current parameters; the model's log "
-                "density is NaN or -inf there (check the support of its distributions)"
-            )
-        loss.backward()
-        return loss
 
-    opt.step(closure)
-    iterations = opt.state[theta].get("n_iter", 0)
-    return theta.detach(), iterations
+def lbfgs(fn, theta, max_iter, tol_grad, history=20):
+    """
+    L-BFGS (Nocedal & Wright 2006, §7.2) with Armijo backtracking, until ``max |∇fn| ≤ tol_grad`` or
+    ``max_iter`` accepted steps (``1.25·max_iter`` evaluations). Returns ``(θ, accepted steps)``.
+
+    Each iteration makes one evaluation, a trial step or a halving of a rejected one, and keeps everything on
+    θ's device: whether the step is taken, whether its pair enters the history (``sᵀy > 10⁻¹⁰``: a pair of
+    non-positive curvature, which a Wolfe line search would have excluded, would break ``H``'s positive
+    definiteness) and when to stop are masks, read by :class:`~pyro_evidence.util.StopCheck` only. The
+    history is a ring of ``history`` slots, one per iteration, so that the order of the two-loop recursion is
+    known on the host: an iteration that adds no pair leaves its slot's older pair in place, out of
+    chronological order (any order of pairs with ``sᵀy > 0`` gives a positive definite ``H``; a gathered,
+    ordered copy of the history would double the memory traffic of every iteration).
+    """
+    f, g = grad_and_value_detached(fn, theta)
+    if not bool(torch.isfinite(f)):
+        raise FloatingPointError(
+            "the inner loss is not finite at the current parameters; the model's log density is NaN or -inf "
+            "there (check the support of its distributions)"
+        )
+    S, Y = theta.new_zeros(history, theta.numel()), theta.new_zeros(history, theta.numel())
+    rho = theta.new_zeros(history)
+    gamma = (1 / g.abs().sum()).clamp(max=1.0)  # H₀ = γI, γ = sᵀy / yᵀy of the newest pair; at first a step ≤ 1
+    direction = -gamma * g
+    active = g.abs().max() > tol_grad
+    steps = torch.zeros((), dtype=torch.long, device=theta.device)
+    t = torch.ones_like(f)
+    roundoff = 10 * torch.finfo(theta.dtype).eps
+    stop = StopCheck(theta.device)
+    for i in range(int(max_iter * 1.25) + 1):
+        if stop(~active):
+            break
+        cand = theta + t * direction
+        fc, gc = grad_and_value_detached(fn, cand)
+        floor = roundoff * f.abs().clamp(min=1.0)
+        # near the minimum f changes at round-off level only; the gradient still tells progress
+        ok = torch.isfinite(fc) & ((fc <= f + 1e-4 * t * torch.dot(g, direction)) | ((gc.norm() < g.norm()) & (fc <= f + floor)))
+        take = active & ok
+        s, y = cand - theta, gc - g
+        sy = torch.dot(s, y)
+        pair = take & (sy > 1e-10)
+        slot = i % history
+        S[slot], Y[slot], rho[slot] = torch.where(pair, s, S[slot]), torch.where(pair, y, Y[slot]), torch.where(pair, 1 / sy, rho[slot])
+        gamma = torch.where(pair, sy / torch.dot(y, y), gamma)
+        theta, f, g = torch.where(take, cand, theta), torch.where(take, fc, f), torch.where(take, gc, g)
+        steps = steps + take
+        t = torch.where(take, 1.0, t / 2)
+        newest_first = [(slot - j) % history for j in range(min(i + 1, history))]  # slots written so far
+        direction = torch.where(take, _two_loop(g, S, Y, rho, newest_first, gamma), direction)
+        active = active & (g.abs().max() > tol_grad) & (steps < max_iter) & (t > torch.finfo(t.dtype).eps)
+    return theta, int(steps)
 
 
 def grad_and_value_detached(fn, theta):
@@ -106,26 +145,19 @@ class NewtonResult:
     stuck: bool
 
 
-def _line_search(vgh, state, direction, floor, todo):
-    """Armijo backtracking, each problem halving its own step from 1. Returns the accepted ``(θ, f, g, H)``
-    (unchanged for problems not in ``todo``) and which problems found a step."""
-    theta, f, g, H = state
-    slope, gnorm = (g * direction).sum(-1), g.norm(dim=-1)
-    t = torch.ones_like(f)
-    found, new = ~todo, state
-    for _ in range(30):
-        cand = theta + t[:, None] * direction
-        fc, gc, Hc = vgh(cand)
-        # near the mode f changes at round-off level only; the gradient still tells progress
-        ok = torch.isfinite(fc) & ((fc <= f + 1e-4 * t * slope) | ((gc.norm(dim=-1) < gnorm) & (fc <= f + floor)))
-        take = (ok & ~found).view(-1, 1)
-        new = (torch.where(take, cand, new[0]), torch.where(take[:, 0], fc, new[1]), torch.where(take, gc, new[2]),
-               torch.where(take[:, :, None], Hc, new[3]))
-        found = found | ok
-        if bool(found.all()):
-            break
-        t = torch.where(found, t, t / 2)
-    return new, found
+def _directions(H, g, modified):
+    """Newton directions ``−H⁻¹g`` of a batch, and which problems have one (``H`` positive definite, or shifted
+    until it is where ``modified``)."""
+    if modified:
+        factor = _shifted_cholesky(H)
+        if factor is None:
+            return torch.zeros_like(g), torch.zeros(g.shape[0], dtype=torch.bool, device=g.device)
+        ok = torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
+    else:
+        factor, info = torch.linalg.cholesky_ex(H)
+        ok = info == 0
+    direction = -torch.cholesky_solve(g.unsqueeze(-1), factor).squeeze(-1)
+    return torch.where(ok[:, None], direction, 0.0), ok
 
 
 def newton(vgh, theta, max_steps=20, modified=False):
@@ -136,35 +168,39 @@ def newton(vgh, theta, max_steps=20, modified=False):
     length and stopping point. Where a Hessian is not positive definite plain Newton has no descent direction
     and stops (``stuck``); with ``modified=True`` it steps along ``−(H + τI)⁻¹ g`` instead, a descent direction
     that also leaves a saddle along its negative curvature.
+
+    Each iteration makes one evaluation, a trial step or a halving of a rejected one, and decides on the
+    device, by masks, which problems accept, backtrack or stop; nothing is read to the host but the
+    :class:`~pyro_evidence.util.StopCheck` (and the search for a shift, which only modified Newton makes).
     """
-    state = (theta, *vgh(theta))
+    f, g, H = vgh(theta)
     roundoff = 10 * torch.finfo(theta.dtype).eps
-    active = torch.ones(theta.shape[0], dtype=torch.bool, device=theta.device)
-    steps, stuck = 0, False
-    for _ in range(max_steps):
-        _, f, g, H = state
-        if modified:
-            factor = _shifted_cholesky(H)
-        else:
-            factor, info = torch.linalg.cholesky_ex(H)
-            factor = None if bool(info.any()) else factor
-        if factor is None:
-            stuck = True
+    direction, active = _directions(H, g, modified)
+    stuck = ~active if max_steps > 0 else torch.zeros_like(active)
+    steps = torch.zeros_like(active, dtype=torch.long)
+    failures = torch.zeros_like(steps)  # rejected trial steps since the last accepted one
+    t = torch.ones_like(f)
+    stop = StopCheck(theta.device)
+    for _ in range(30 * max_steps):  # per problem: at most 30 trials a step
+        if stop(~active.any()):
             break
-        direction = -torch.cholesky_solve(g.unsqueeze(-1), factor).squeeze(-1) * active[:, None]
+        cand = torch.where(active[:, None], theta + t[:, None] * direction, theta)
+        fc, gc, Hc = vgh(cand)
+        gnorm, new_norm = g.norm(dim=-1), gc.norm(dim=-1)
         floor = roundoff * f.abs().clamp(min=1.0)
-        new, found = _line_search(vgh, state, direction, floor, active)
-        if not bool(found.all()):
-            stuck = True
-            break
-        new_norm = new[2].norm(dim=-1)
-        progress = (new_norm < 0.5 * g.norm(dim=-1)) | (f - new[1] > floor)
-        state = new
-        steps += 1
-        active = active & progress & (new_norm > 100 * floor)  # the rest are at the round-off floor
-        if not bool(active.any()):
-            break
-    return NewtonResult(*state, steps, stuck)
+        # near the mode f changes at round-off level only; the gradient still tells progress
+        ok = torch.isfinite(fc) & ((fc <= f + 1e-4 * t * (g * direction).sum(-1)) | ((new_norm < gnorm) & (fc <= f + floor)))
+        take, reject = active & ok, active & ~ok
+        go_on = ((new_norm < 0.5 * gnorm) | (f - fc > floor)) & (new_norm > 100 * floor) & (steps + 1 < max_steps)
+        theta, f = torch.where(take[:, None], cand, theta), torch.where(take, fc, f)
+        g, H = torch.where(take[:, None], gc, g), torch.where(take[:, None, None], Hc, H)
+        steps, failures = steps + take, torch.where(take, 0, failures + reject)
+        t = torch.where(take, 1.0, torch.where(reject, t / 2, t))
+        new_direction, has_direction = _directions(H, g, modified)
+        direction = torch.where(take[:, None], new_direction, direction)
+        stuck = stuck | (reject & (failures >= 30)) | (take & go_on & ~has_direction)
+        active = torch.where(take, go_on & has_direction, active & ~stuck)
+    return NewtonResult(theta, f, g, H, int(steps.max()), bool(stuck.any()))
 
 
 def _newton(fn, theta, max_steps, modified=False):
@@ -204,14 +240,14 @@ def minimize(
 
     theta, iterations = theta0.detach(), 0
     if theta.numel() > newton_max_dim:  # no dense Hessian: L-BFGS alone
-        theta, iterations = _lbfgs(fn, theta, max_iter, tol_grad=eps**0.5)
+        theta, iterations = lbfgs(fn, theta, max_iter, tol_grad=eps**0.5)
         f, g = grad_and_value_detached(fn, theta)
         converged = float(g.norm()) <= tol * max(1.0, abs(float(f)))
         return Minimum(theta, f, float(g.norm()), converged, iterations, 0, None)
     theta, f, g, H, steps = _newton(fn, theta, max_newton)
     converged = float(g.norm()) <= tol * max(1.0, abs(float(f)))
     if not converged:  # outside Newton's basin (H not positive definite, or no progress)
-        theta, iterations = _lbfgs(fn, theta, max_iter, tol_grad=eps**0.5)
+        theta, iterations = lbfgs(fn, theta, max_iter, tol_grad=eps**0.5)
         # L-BFGS can stop short in a non-convex region (a plateau, the shoulder of a saddle), where
         # plain Newton would stop too: modified Newton carries θ on to a minimum
         theta, f, g, H, more = _newton(fn, theta, max_newton, modified=True)

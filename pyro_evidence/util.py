@@ -7,6 +7,7 @@ What a call must leave as it found it, and what a saved run must remember about 
 - :func:`fingerprint` names a run — the model, its hyperparameters' names and shapes, a digest of
   the data and the options — so that a checkpoint or a study can refuse to be resumed on
   something else.
+- :class:`StopCheck` lets a loop on the GPU ask "done yet?" without stalling the device.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pyro
 import torch
 
 __all__ = ["isolated_params", "preserved_rng", "seeded", "fingerprint", "describe", "digest", "mismatch", "check_positive_int",
-           "check_options"]
+           "check_options", "StopCheck"]
 
 
 @contextlib.contextmanager
@@ -152,3 +153,33 @@ def check_options(label: str, options: dict, accepted, owner: str):
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"{label} {unknown[0]!r} is not an option of {owner}; its options are {sorted(accepted)}")
+
+
+class StopCheck:
+    """
+    Whether an iterative loop may stop, read from a boolean on the loop's device without idling it.
+
+    On the CPU the flag is read at once. On CUDA reading it would block the host until the device
+    has finished, and the device would then idle while the host queues the next iteration; instead
+    each flag is copied to pinned host memory behind the work that computes it, and the answer
+    given is the previous call's flag, by which time the device is busy with the iteration queued
+    since. A loop therefore runs one iteration past its stopping point: it must freeze finished
+    work with masks (``torch.where``), so that this iteration changes nothing.
+    """
+
+    def __init__(self, device):
+        self.lagged = torch.device(device).type == "cuda"
+        self._pending = None
+
+    def __call__(self, flag: torch.Tensor) -> bool:
+        if not self.lagged:
+            return bool(flag)
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record()
+        previous, self._pending = self._pending, (host, arrived)
+        if previous is None:
+            return False
+        previous[1].synchronize()
+        return bool(previous[0])

@@ -4,6 +4,11 @@ import math
 
 import torch
 
+from pyro_evidence.compat import DispatchMode
+
+# the operations through which a value reaches the host: each one stalls a GPU until it has finished
+HOST_READS = {"aten._local_scalar_dense.default", "aten._linalg_check_errors.default", "aten.nonzero.default"}
+
 
 def assert_close(actual, expected, rtol=1e-8, atol=0.0, msg=""):
     actual = torch.as_tensor(actual, dtype=torch.float64).cpu()
@@ -29,3 +34,16 @@ def linear_gaussian_posterior(X, y, prior_precision, noise_precision):
 
 
 LOG_2PI = math.log(2 * math.pi)
+
+
+class HostReads(DispatchMode):
+    """Counts the values a block reads from tensors to the host (``bool(t)``, ``float(t)``, ``.item()``,
+    ``torch.linalg.cholesky``'s error check, boolean indexing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += str(func) in HOST_READS
+        return func(*args, **(kwargs or {}))

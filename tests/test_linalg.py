@@ -17,7 +17,9 @@ from pyro_evidence.linalg import (
     value_grad_hessian,
 )
 
-from .common import assert_close
+from pyro_evidence import linalg
+
+from .common import HostReads, assert_close
 
 
 def quartic(theta, h):
@@ -117,6 +119,42 @@ def test_cg_warm_start_and_zero_rhs():
     warm = cg(lambda v: A @ v, b, cold.x + 1e-6, tol=1e-10)
     assert warm.iterations < cold.iterations
     assert cg(lambda v: A @ v, torch.zeros(30, dtype=torch.float64)).x.abs().max() == 0
+
+
+def never_stop(device):
+    return lambda flag: False
+
+
+@pytest.mark.parametrize("case", ["converges", "runs out", "indefinite"])
+def test_cg_iterations_past_the_stop_change_nothing(case, monkeypatch):
+    # on a GPU the loop learns that it may stop an iteration late; those iterations must be no-ops
+    A, b = spd(30, 1e3)
+    if case == "indefinite":
+        A = A - 5 * torch.eye(30, dtype=torch.float64)
+    max_iter = 8 if case == "runs out" else 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        prompt = cg(lambda v: A @ v, b, tol=1e-10, max_iter=max_iter)
+        monkeypatch.setattr(linalg, "StopCheck", never_stop)
+        late = cg(lambda v: A @ v, b, tol=1e-10, max_iter=max_iter)
+    assert torch.equal(late.x, prompt.x)
+    assert (late.iterations, late.residual, late.converged) == (prompt.iterations, prompt.residual, prompt.converged)
+    assert prompt.converged == (case == "converges")
+
+
+def test_cg_and_neumann_read_nothing_per_iteration(device):
+    A, b = spd(40, 1e4)
+    A, b = A.to(device), b.to(device)
+    with HostReads() as reads:
+        r = cg(lambda v: A @ v, b, tol=1e-10)
+    assert r.converged and r.iterations > 20
+    assert_close(r.x, torch.linalg.solve(A, b), rtol=1e-7)
+    # the CPU reads the stop flag once an iteration; a GPU not even that (it is read without a stall)
+    per_iteration = 1 if device.type == "cpu" else 0
+    assert reads.count <= per_iteration * (r.iterations + 1) + 4
+    with HostReads() as reads:
+        neumann(lambda v: A @ v, b, alpha=1e-4, terms=30)
+    assert reads.count <= 1
 
 
 def test_neumann_residual_falls_with_every_term():

@@ -70,3 +70,13 @@ def test_fingerprint_and_mismatch():
     assert mismatch(a, {**a, "objective": "cv"}) == "objective differ (saved: 'laplace', now: 'cv')"
     with pytest.raises(TypeError):
         hash(a["hyperparameters"])  # JSON-clean: plain dicts and lists, no tensors
+
+
+def test_stop_check_answers_at_once_on_the_cpu_and_one_call_late_on_cuda(device):
+    from pyro_evidence.util import StopCheck
+
+    stop = StopCheck(device)
+    flags = [False, True, True]
+    answers = [stop(torch.tensor(flag, device=device)) for flag in flags]
+    # on CUDA each answer is the previous call's flag, read without waiting for the one just queued
+    assert answers == (flags if device.type == "cpu" else [False, *flags[:-1]])

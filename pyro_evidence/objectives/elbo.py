@@ -63,18 +63,25 @@ def softplus_inv(x):
 def standard_normal_particles(num: int, dim: int, seed: int, dtype, device):
     """
     ``num`` draws of ``N(0, I_dim)`` with exactly zero mean (antithetic pairs) and, when
-    ``num > dim``, exactly identity second moment ``(1/num) Σ ε εᵀ = I`` (whitened).
+    ``num ≥ 2·dim − 1`` (enough pairs to span every direction), exactly identity second moment
+    ``(1/num) Σ ε εᵀ = I`` (whitened). Drawn on the CPU in float64, so that every device gets the
+    same particles.
     """
     if num < 2:
         raise ValueError(f"num_particles must be >= 2, got {num}")
     g = torch.Generator().manual_seed(seed)
-    half = torch.randn((num + 1) // 2, dim, generator=g, dtype=torch.float64)
+    return _antithetic(torch.randn((num + 1) // 2, dim, generator=g, dtype=torch.float64), num).to(dtype=dtype, device=device)
+
+
+def _antithetic(half, num):
+    """``num`` particles from the draws ``half``: the pairs ``±ε``, centred, whitened where they span."""
     eps = torch.cat([half, -half])[:num]
     eps = eps - eps.mean(0)
-    if num > dim and dim > 0:
-        second = eps.T @ eps / num
-        eps = torch.linalg.solve_triangular(torch.linalg.cholesky(second), eps.T, upper=False).T
-    return eps.to(dtype=dtype, device=device)
+    dim = eps.shape[1]
+    if (num + 1) // 2 >= dim > 0:
+        factor, _ = torch.linalg.cholesky_ex(eps.T @ eps / num)  # _ex: no check, which would stall a GPU
+        eps = torch.linalg.solve_triangular(factor, eps.T, upper=False).T
+    return eps
 
 
 class ElboObjective(Objective):
@@ -362,12 +369,16 @@ def _stationarity(objective: ElboObjective, theta, h):
 
 
 def _adam(objective: ElboObjective, h, theta0, steps, lr, seed):
-    """Stochastic maximisation of the ELBO, fresh antithetic particles every step."""
+    """Stochastic maximisation of the ELBO, fresh antithetic particles every step (drawn on θ's device, so a
+    seed gives the same fit on every run of one device, not across devices)."""
     theta = theta0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
-    problem = objective.problem
-    for step in range(steps):
-        eps = standard_normal_particles(objective.num_particles, objective.dim, seed + 1000 + step, problem.dtype, problem.device)
+    problem, num = objective.problem, objective.num_particles
+    # drawn where θ lives: a draw on the CPU and its copy would stall a GPU at every step
+    g = torch.Generator(device=problem.device).manual_seed(seed + 1000)
+    for _ in range(steps):
+        half = torch.randn((num + 1) // 2, objective.dim, generator=g, dtype=problem.dtype, device=problem.device)
+        eps = _antithetic(half, num)
         opt.zero_grad()
         loss = -(objective._particle_terms(theta, h, eps).mean() + objective._entropy(theta))
         loss.backward()

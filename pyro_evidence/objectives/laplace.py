@@ -175,7 +175,7 @@ def laplace_evidence(
     hyperparameters ``h`` being its ``pyro.param`` values in the param store.
 
     The mode is found by Newton steps with the dense autograd Hessian (up to 2,000 latents) and by
-    L-BFGS (strong-Wolfe line search) where Newton cannot start or the model is larger; ``log det C``
+    L-BFGS (Armijo backtracking) where Newton cannot start or the model is larger; ``log det C``
     comes from the curvature asked for (see :mod:`pyro_evidence.objectives.curvature`).
 
     :param model: a Pyro model; its positional arguments are the data.

@@ -114,6 +114,20 @@ def test_particles_are_centred_and_whitened():
     assert_close(eps.mean(0), torch.zeros(10, dtype=torch.float64), atol=1e-12)
 
 
+@pytest.mark.parametrize("num", [8, 9, 10, 11, 12])
+def test_particles_between_the_dimension_and_twice_it(num):
+    # 6 to 11 particles in 6 dimensions: the pairs span every direction from 11 on; below, the second
+    # moment is singular and whitening, which used to fail in a Cholesky, must not be attempted
+    eps = standard_normal_particles(num, 6, 0, torch.float64, "cpu")
+    assert eps.shape == (num, 6) and torch.isfinite(eps).all()
+    assert_close(eps.mean(0), torch.zeros(6, dtype=torch.float64), atol=1e-12)
+    second = eps.T @ eps / num
+    rank = int(torch.linalg.matrix_rank(second))
+    assert rank == min(6, (num + 1) // 2)
+    if num >= 11:
+        assert_close(second, torch.eye(6, dtype=torch.float64), atol=1e-12)
+
+
 def elbo_at_optimum(X, y, log_h):
     return optimal_mean_field_elbo(X, y, log_h[0].exp(), log_h[1].exp())
 
@@ -191,3 +205,22 @@ def test_a_scale_underflowing_to_zero_costs_a_finite_penalty_not_an_error():
     assert_close(loss, obj.inner_loss(at_floor, obj.h_init), rtol=1e-6)
     theta[obj.dim] = float("nan")
     assert torch.isnan(obj.inner_loss(theta, obj.h_init))
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_adam_steps_never_wait_for_the_gpu():
+    from pyro_evidence import Problem
+    from pyro_evidence.objectives.elbo import ElboObjective, _adam
+
+    X, y = diabetes(device="cuda")
+    set_params(30.0, 2.0)
+    objective = ElboObjective(Problem(linear_regression, X, y), num_particles=8)
+    h, theta0 = objective.h_init, objective.theta_init
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a particle drawn on the CPU and copied would stall every step
+    try:
+        theta = _adam(objective, h, theta0, 20, 0.01, seed=0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert theta.device.type == "cuda" and torch.isfinite(theta).all()

@@ -188,27 +188,27 @@ def cg(matvec, b, x0=None, *, tol: float = 1e-10, max_iter: int | None = None, d
     r = b - op(x) if x0 is not None else b.clone()
     p = r.clone()
     rs = torch.dot(r, r)
-    done = rs.sqrt() / b_norm <= tol
-    curved = torch.zeros_like(done)  # met a direction of non-positive curvature
+    bound = (tol * b_norm) ** 2  # ‖r‖/‖b‖ ≤ tol, without a square root per iteration
+    active = rs > bound  # neither converged nor stopped by a direction of non-positive curvature
     updates = torch.zeros((), dtype=torch.long, device=b.device)
     stop = StopCheck(b.device)
     for _ in range(max_iter):
-        if stop(done | curved):
+        if stop(~active):
             break
         Ap = op(p)
         curvature = torch.dot(p, Ap)
-        curved = curved | (~done & (curvature <= 0))
-        go = ~(done | curved)
-        step = rs / curvature
-        x = torch.where(go, x + step * p, x)
-        r = torch.where(go, r - step * Ap, r)
+        go = active & (curvature > 0)
+        step = torch.where(go, rs / curvature, 0.0)  # 0: x and r stay as they are, bit for bit
+        x = x + step * p
+        r = r - step * Ap
         rs_new = torch.dot(r, r)
         p = torch.where(go, r + (rs_new / rs) * p, p)
         rs = torch.where(go, rs_new, rs)
         updates = updates + go
-        done = done | (rs.sqrt() / b_norm <= tol)
+        active = go & (rs > bound)
     # the recurrence's residual: the true one would cost one more product
-    residual, iterations, curved = float(rs.sqrt() / b_norm), int(updates), bool(curved)
+    residual, iterations = float(rs.sqrt() / b_norm), int(updates)
+    curved = not bool(active | (rs <= bound))  # it stopped, and not for having converged
     if curved:
         _warn(f"cg met non-positive curvature at iteration {iterations + 1} (the matrix is not positive definite"
               f"{'' if damping else '; pass damping='}); returning the last iterate, relative residual {residual:.3g}")

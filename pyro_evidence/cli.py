@@ -192,9 +192,11 @@ def select(argv_args, out=sys.stdout):
     a = argv_args
     search, checkpoint = None, None
     if a.method in SEARCH_METHODS:  # the search's options only where a search runs, as the library asks
-        search = SearchOptions(n_trials=a.n_trials, storage=a.storage, study_name=a.study_name, seed=a.seed)
-    elif a.n_trials is not None or a.storage is not None or a.study_name is not None:
-        raise ValueError("--n-trials, --storage and --study-name are options of the black-box search (--method grid | random | gp)")
+        beats = {k: v for k, v in (("heartbeat_interval", a.heartbeat_interval), ("grace_period", a.grace_period)) if v is not None}
+        search = SearchOptions(n_trials=a.n_trials, storage=a.storage, study_name=a.study_name, seed=a.seed, **beats)
+    elif any(v is not None for v in (a.n_trials, a.storage, a.study_name, a.heartbeat_interval, a.grace_period)):
+        raise ValueError("--n-trials, --storage, --study-name, --heartbeat-interval and --grace-period are options of the "
+                         "black-box search (--method grid | random | gp)")
     if a.checkpoint is not None:
         checkpoint = Checkpoint(a.checkpoint, resume=a.resume, overwrite=a.overwrite)
     elif a.resume:
@@ -241,6 +243,10 @@ def _parser():
     q.add_argument("--n-trials", type=int, default=None, help="black-box search: the study's trials in all")
     q.add_argument("--storage", default=None, help="Optuna storage URL or journal file path (search)")
     q.add_argument("--study-name", default=None, help="the study's name in the storage")
+    q.add_argument("--heartbeat-interval", type=int, default=None,
+                   help="RDB storage: seconds between heartbeats of a running trial (10)")
+    q.add_argument("--grace-period", type=int, default=None,
+                   help="RDB storage: seconds without a heartbeat after which a trial is run again (2 x the interval)")
     q.add_argument("--checkpoint", default=None, help="checkpoint file (gradient methods)")
     q.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --checkpoint with a new run")

@@ -3,9 +3,11 @@ What pyro-evidence needs from Pyro and torch that they expose only privately.
 
 Every use of another library's private attribute or method goes through this module, so that a release
 which moves one is one file's work; ``pyproject.toml`` bounds the versions it was written against
-(pyro-ppl 1.9, torch 2.11–2.13). From torch: ``TorchDispatchMode`` (``torch.utils._python_dispatch``; the
-documented way to see every ATen operation, used by :mod:`pyro_evidence.replay`) and whether a ``torch.func``
-transform is active (``torch._C._functorch``).
+(pyro-ppl 1.9, torch 2.11–2.13, optuna 4.x–5.x). From torch: ``TorchDispatchMode`` (``torch.utils._python_dispatch``;
+the documented way to see every ATen operation, used by :mod:`pyro_evidence.replay`) and whether a ``torch.func``
+transform is active (``torch._C._functorch``). From Optuna: the heartbeat of a trial run by ask-and-tell
+(``optuna.storages._heartbeat``; ``study.optimize`` keeps one, ``study.ask`` does not) and the parameters a
+queued trial was created with (the system attribute ``fixed_params``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode as DispatchMode
 
 __all__ = ["DispatchMode", "autodiagonal_latents", "autonormal_loc_scale", "in_transform", "mask_of", "setup_prototype",
-           "written_arguments"]
+           "written_arguments", "heartbeat_enabled", "heartbeat", "queued_params"]
 
 
 def autodiagonal_latents(guide, flat):
@@ -56,3 +58,31 @@ def written_arguments(func, args) -> list:
     if not schema.is_mutable:
         return []
     return [x for x, a in zip(args, schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+
+
+def heartbeat_enabled(study) -> bool:
+    """Whether the study's storage keeps heartbeats of running trials (an RDB storage made with a
+    ``heartbeat_interval``)."""
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return is_heartbeat_enabled(study._storage)
+
+
+@contextlib.contextmanager
+def heartbeat(study, trial):
+    """Beats for ``trial`` while the block runs, as ``study.optimize`` does for its trials: the first beat is
+    recorded before the block starts, so a trial that has been tagged also has a heartbeat."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    if not heartbeat_enabled(study):
+        yield
+        return
+    study._storage.record_heartbeat(trial._trial_id)
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        yield
+
+
+def queued_params(trial) -> dict:
+    """The parameters of a ``FrozenTrial``: those it drew and those it was queued with (``enqueue_trial``)
+    but had not drawn yet."""
+    return {**trial.system_attrs.get("fixed_params", {}), **trial.params}

@@ -17,10 +17,17 @@ Guarantees, and how they are kept:
   when a trial may start: only while the completed trials and the running ones of live processes
   leave room, so the study completes exactly ``n_trials`` (a trial that finds no room after it
   was created is told PRUNED).
-- Every trial is tagged with its host and process id as soon as it exists. A RUNNING trial whose
-  process on this host is dead, or that was never tagged and is older than
-  :data:`ORPHAN_GRACE_SECONDS` (its process died between Optuna creating it and the tag), is an
-  orphan: it is told FAIL, its parameters are queued again, and it never counts.
+- On an RDB storage (``sqlite:///…``, ``postgresql://…``, ``mysql://…``: every machine that reaches
+  the database can join) each running trial has Optuna's heartbeat, recorded every
+  ``heartbeat_interval`` seconds by a thread of its process; a RUNNING trial whose heartbeat is older
+  than ``grace_period`` is an orphan, whichever machine ran it: it is told FAIL and queued again with
+  its parameters (Optuna's ``RetryFailedTrialCallback``), and it never counts. A worker whose study
+  still has running trials waits for them, so the last live worker completes the study.
+- On a journal file (one machine) every trial is tagged with its host and process id instead; a
+  RUNNING trial whose process on this host is dead is an orphan, told FAIL and queued again. A
+  trial of another host cannot be checked from here: use an RDB storage across machines.
+- On both, a trial that was never tagged and is older than :data:`ORPHAN_GRACE_SECONDS` (its
+  process died between Optuna creating it and the tag, before any heartbeat) is an orphan too.
 - Ctrl-C tells the running trial FAIL, queues its parameters again and returns to the caller,
   which keeps the completed trials.
 - A study records a fingerprint of the model, its hyperparameters, the data, the objective and
@@ -46,6 +53,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from . import compat
 from .linalg import NotPositiveDefiniteError
 from .util import check_positive_int, digest, fingerprint, mismatch
 
@@ -79,14 +87,23 @@ def _quiet(optuna):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+            # we keep the heartbeat of asked trials ourselves (compat.heartbeat), as Study.optimize would
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
             yield
     finally:
         optuna.logging.set_verbosity(level)
 
 
-def open_storage(storage):
-    """An Optuna storage from a URL (``sqlite:///…``, ``postgresql://…``, ``mysql://…``) or a
-    journal file path (``*.log``/``*.journal``/any other path); None for in-memory."""
+HEARTBEAT_INTERVAL = 10  # seconds between the heartbeats of a running trial on an RDB storage
+MAX_RETRY = 3  # an orphaned point is queued again at most this many times (a point that kills its worker)
+
+
+def open_storage(storage, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int | None = None):
+    """An Optuna storage from a URL (``sqlite:///…``, ``postgresql://…``, ``mysql://…``: any URL SQLAlchemy
+    and Optuna's ``RDBStorage`` accept) or a journal file path (``*.log``/``*.journal``/any other path);
+    None for in-memory. An RDB storage keeps heartbeats every ``heartbeat_interval`` seconds; a running
+    trial without one for ``grace_period`` seconds (default ``2·heartbeat_interval``) is failed and
+    retried."""
     optuna = _optuna()
     if storage is None or not isinstance(storage, str):
         return storage
@@ -97,7 +114,15 @@ def open_storage(storage):
                 f"unknown storage scheme {scheme!r} in {storage!r}: use an RDB URL "
                 "(sqlite:///file.db, postgresql://…, mysql://…) or a journal file path"
             )
-        return optuna.storages.RDBStorage(storage)
+        check_positive_int("heartbeat_interval", heartbeat_interval)
+        if grace_period is not None:
+            check_positive_int("grace_period", grace_period)
+        with warnings.catch_warnings():  # the heartbeat arguments are marked experimental
+            warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                heartbeat_stale_trial_callback=_retry(optuna)(max_retry=MAX_RETRY),
+            )
     from optuna.storages.journal import JournalFileBackend
 
     repair_journal(storage)
@@ -105,6 +130,11 @@ def open_storage(storage):
         return optuna.storages.JournalStorage(JournalFileBackend(storage))
     except ValueError as e:  # json.JSONDecodeError included
         raise _damaged_journal(storage, e) from None
+
+
+def _retry(optuna):
+    """Optuna's callback that queues a stale trial again (renamed in Optuna 4.9)."""
+    return getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 
 
 def repair_journal(path) -> int:
@@ -207,16 +237,17 @@ def _NumberedRandomSampler(optuna, seed):
     return NumberedRandomSampler(seed=seed)
 
 
-def _owner(trial):
+def _owner(trial, heartbeats):
     """``"live"`` (a process that may still finish it), ``"dead"`` (an orphan) or ``"unknown"``
-    (untagged and younger than :data:`ORPHAN_GRACE_SECONDS`: perhaps being tagged right now)."""
+    (untagged and younger than :data:`ORPHAN_GRACE_SECONDS`: perhaps being tagged right now). With
+    ``heartbeats`` a tagged trial is live until Optuna finds its heartbeat stale."""
     attrs = trial.user_attrs
-    if "pid" not in attrs:
+    if attrs.get("trial") != trial.number:  # a retried trial carries its orphan's tags until it is tagged
         started = trial.datetime_start or datetime.datetime.now()
         age = (datetime.datetime.now() - started).total_seconds()
         return "dead" if age > ORPHAN_GRACE_SECONDS else "unknown"
-    if attrs.get("host") != socket.gethostname():
-        return "live"  # another machine's process: no way to ask it from here
+    if heartbeats or attrs.get("host") != socket.gethostname():
+        return "live"  # another machine's process, on a journal: no way to ask it from here
     return "live" if _alive(attrs["pid"]) else "dead"
 
 
@@ -230,21 +261,24 @@ def _alive(pid) -> bool:
     return True
 
 
-def _running(study, optuna, names):
+def _running(study, optuna, names, heartbeats):
     """The study's RUNNING trials that are not orphans, after failing the orphans and queueing
-    their parameters again (where the orphan had drawn all of them)."""
+    their parameters again (where the orphan had them all)."""
+    if heartbeats:
+        optuna.storages.fail_stale_trials(study)  # and queues them again (RetryFailedTrialCallback)
     alive = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        owner = _owner(trial)
+        owner = _owner(trial, heartbeats)
         if owner != "dead":
             alive.append((trial, owner))
             continue
         try:
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        except ValueError:  # another process failed it first and queued it
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):  # another process failed it first
             continue
-        if set(names) <= set(trial.params):
-            study.enqueue_trial(trial.params, skip_if_exists=False)
+        params = compat.queued_params(trial)
+        if set(names) <= set(params):
+            study.enqueue_trial(params, skip_if_exists=False)
     return alive
 
 
@@ -284,6 +318,10 @@ class SearchOptions:
     :ivar str study_name: the study's name in the storage; default a name derived from the problem's
         fingerprint. A study made for another model, data, objective or method is refused.
     :ivar int seed: the samplers' seed.
+    :ivar int heartbeat_interval: on an RDB storage URL, seconds between the heartbeats of a running trial.
+    :ivar int grace_period: on an RDB storage URL, seconds without a heartbeat after which a running trial
+        is an orphan, failed and run again (default ``2·heartbeat_interval``). Both are ignored for a
+        journal file and for a storage object, which keeps its own settings.
     """
 
     n_trials: int | None = None
@@ -292,17 +330,23 @@ class SearchOptions:
     storage: object = None
     study_name: str | None = None
     seed: int = 0
+    heartbeat_interval: int = HEARTBEAT_INTERVAL
+    grace_period: int | None = None
 
     def __post_init__(self):
         if self.n_trials is not None:
             check_positive_int("n_trials", self.n_trials)
+        check_positive_int("heartbeat_interval", self.heartbeat_interval)
+        if self.grace_period is not None:
+            check_positive_int("grace_period", self.grace_period)
 
     def given(self) -> list:
         """The names of the options set to other than their defaults."""
         return [f.name for f in fields(self) if getattr(self, f.name) != f.default]
 
 
-def search(obj, method, *, n_trials, bounds=None, grid=None, grid_points=10, storage=None, study_name=None, seed=0, on_trial=None):
+def search(obj, method, *, n_trials, bounds=None, grid=None, grid_points=10, storage=None, study_name=None, seed=0,
+           heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=None, on_trial=None):
     """
     Runs (or joins) an Optuna study over the objective ``obj``.
 
@@ -311,6 +355,8 @@ def search(obj, method, *, n_trials, bounds=None, grid=None, grid_points=10, sto
     :param dict grid: explicit grid points ``{name: [constrained values]}`` per hyperparameter
         (a vector-valued one gets the same points for each element).
     :param int grid_points: points per element of the default grid, evenly spaced in the box.
+    :param int heartbeat_interval: seconds between heartbeats of a running trial (RDB storage URLs).
+    :param int grace_period: seconds without a heartbeat that make a running trial an orphan.
     :param on_trial: ``(h, value) → None``, called after every trial this process runs.
     :returns: the study. Ctrl-C fails the running trial, queues it again and raises
         ``KeyboardInterrupt``; the study keeps every completed trial.
@@ -331,7 +377,7 @@ def search(obj, method, *, n_trials, bounds=None, grid=None, grid_points=10, sto
     name = study_name or f"pyro-evidence-{digest(key)}"
     with _quiet(optuna):
         path = storage if isinstance(storage, str) and "://" not in storage else None
-        storage = open_storage(storage)
+        storage = open_storage(storage, heartbeat_interval, grace_period)
         try:
             study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
         except ValueError as e:  # a journal read further while the study loads
@@ -370,62 +416,82 @@ def _trials(study, optuna, obj, names, low, high, method, space, n_trials, on_tr
     """The ask-and-tell loop: a trial starts only while the study has room for it. A point where
     the objective is not finite is told FAIL (tagged ``"failed"``) and replaced by a new draw; a grid
     point is not, so there it counts as done. ``n_trials`` such failures in a row end the search."""
-    problem = obj.problem
     complete = optuna.trial.TrialState.COMPLETE
+    heartbeats = compat.heartbeat_enabled(study)
     state = {"theta": None, "failures": 0}
-
-    def failed(trial, state_, reason):
-        trial.set_user_attr("failed", reason)
-        study.tell(trial, state=state_)
-        state["failures"] += 1
-        if state["failures"] >= n_trials:
-            raise FloatingPointError(f"the objective was not finite at {n_trials} trials in a row (the last: {reason})")
-
     while True:
-        running = _running(study, optuna, names)
+        running = _running(study, optuna, names, heartbeats)
         done = len(study.get_trials(deepcopy=False, states=(complete,)))
         if method == "grid":
             done += sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)) if "failed" in t.user_attrs)
         if done >= n_trials:
             return
         if done + len(running) >= n_trials:
-            if any(owner == "unknown" for _, owner in running):
-                time.sleep(0.2)  # an untagged trial: tagged soon, or an orphan once it is old enough
+            # with heartbeats a running trial either completes or is found stale and queued again:
+            # wait for it, so that the last live worker completes the study
+            if heartbeats or any(owner == "unknown" for _, owner in running):
+                time.sleep(0.2)
                 continue
             return  # live processes are finishing the last trials
         trial = study.ask()
-        try:
-            trial.set_user_attr("host", socket.gethostname())
-            trial.set_user_attr("pid", os.getpid())
-            others = study.get_trials(deepcopy=False, states=(complete, optuna.trial.TrialState.RUNNING))
-            ahead = sum(1 for t in others if t.state == complete or t.number < trial.number)
-            if ahead >= n_trials:  # another process took the last place meanwhile
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                continue
-            values = []
-            for i, element in enumerate(names):
-                if method == "grid":
-                    values.append(trial.suggest_categorical(element, space[element]))
-                else:
-                    values.append(trial.suggest_float(element, float(low[i]), float(high[i])))
-            h = torch.tensor(values, dtype=problem.dtype, device=problem.device)
-            m = obj.solve(h, state["theta"])
-            value = float(obj.validation(m.theta, h))
-        except (FloatingPointError, NotPositiveDefiniteError) as e:
-            failed(trial, optuna.trial.TrialState.FAIL, f"{type(e).__name__}: {e}"[:200])
-            continue
-        except BaseException:  # Ctrl-C or an error: the trial is not left RUNNING, its point not lost
+        with compat.heartbeat(study, trial):
+            told = _trial(study, optuna, trial, obj, names, low, high, method, space, n_trials, state)
+        if told is not None and on_trial is not None:
+            on_trial(*told)
+
+
+def _trial(study, optuna, trial, obj, names, low, high, method, space, n_trials, state):
+    """Runs one asked trial and tells its outcome; ``(h, value)`` where it completed."""
+    problem = obj.problem
+    finished = (ValueError, optuna.exceptions.UpdateFinishedTrialError)  # failed as stale meanwhile: retried
+    try:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("trial", trial.number)  # tagged, and (on an RDB storage) already beating
+        others = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING))
+        ahead = sum(1 for t in others if t.state == optuna.trial.TrialState.COMPLETE or t.number < trial.number)
+        if ahead >= n_trials:  # another process took the last place meanwhile
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return None
+        values = []
+        for i, element in enumerate(names):
+            if method == "grid":
+                values.append(trial.suggest_categorical(element, space[element]))
+            else:
+                values.append(trial.suggest_float(element, float(low[i]), float(high[i])))
+        h = torch.tensor(values, dtype=problem.dtype, device=problem.device)
+        m = obj.solve(h, state["theta"])
+        value = float(obj.validation(m.theta, h))
+    except (FloatingPointError, NotPositiveDefiniteError) as e:
+        _failed(study, optuna, trial, f"{type(e).__name__}: {e}"[:200], state, n_trials)
+        return None
+    except BaseException:  # Ctrl-C or an error: the trial is not left RUNNING, its point not lost
+        with contextlib.suppress(*finished):
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            if set(names) <= set(trial.params):
-                study.enqueue_trial(trial.params, skip_if_exists=False)
-            raise
-        if not math.isfinite(value):
-            failed(trial, optuna.trial.TrialState.FAIL, f"the objective is {value}")
-            continue
-        state["theta"], state["failures"] = m.theta, 0
+            params = compat.queued_params(study.get_trials(deepcopy=False)[trial.number])
+            if set(names) <= set(params):
+                study.enqueue_trial(params, skip_if_exists=False)
+        raise
+    if not math.isfinite(value):
+        _failed(study, optuna, trial, f"the objective is {value}", state, n_trials)
+        return None
+    try:
         study.tell(trial, value)
-        if on_trial is not None:
-            on_trial(h, value)
+    except finished:
+        return None
+    state["theta"], state["failures"] = m.theta, 0
+    return h, value
+
+
+def _failed(study, optuna, trial, reason, state, n_trials):
+    """Tells FAIL for a point where the objective could not be evaluated, and ends the search after
+    ``n_trials`` of them in a row."""
+    trial.set_user_attr("failed", reason)
+    with contextlib.suppress(ValueError, optuna.exceptions.UpdateFinishedTrialError):
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    state["failures"] += 1
+    if state["failures"] >= n_trials:
+        raise FloatingPointError(f"the objective was not finite at {n_trials} trials in a row (the last: {reason})")
 
 
 def _Grid(optuna):

@@ -369,7 +369,8 @@ def _black_box(obj, problem, method, options, max_steps, bar, objective, tol):
     interrupted = False
     try:
         study = search(obj, method, n_trials=n_trials, bounds=options.bounds, grid=options.grid, storage=options.storage,
-                       study_name=options.study_name, seed=options.seed, on_trial=on_trial)
+                       study_name=options.study_name, seed=options.seed, heartbeat_interval=options.heartbeat_interval,
+                       grace_period=options.grace_period, on_trial=on_trial)
     except SearchInterrupted as e:
         study, interrupted = e.study, True
     finally:

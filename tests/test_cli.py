@@ -47,7 +47,8 @@ def test_demo_and_select_leave_the_callers_param_store_alone():
     pyro.param("prior_precision", torch.tensor(7.0))
     demo(max_degree=1, output=None, progress=False, out=io.StringIO())
     args = Namespace(case="linear-diabetes", objective="laplace", method="ift-cg", max_steps=5, n_trials=None, storage=None,
-                     study_name=None, seed=0, checkpoint=None, resume=False, overwrite=False, device="cpu", progress=False)
+                     study_name=None, seed=0, heartbeat_interval=None, grace_period=None, checkpoint=None, resume=False,
+                     overwrite=False, device="cpu", progress=False)
     select(args, out=io.StringIO())
     assert list(pyro.get_param_store().keys()) == ["prior_precision"]
     assert float(pyro.param("prior_precision").detach()) == 7.0
@@ -81,7 +82,8 @@ def test_select_command_prints_a_table():
     from pyro_evidence.cli import select
 
     args = Namespace(case="linear-diabetes", objective="laplace", method="ift-cg", max_steps=50, n_trials=None, storage=None,
-                     study_name=None, seed=0, checkpoint=None, resume=False, overwrite=False, device="cpu", progress=False)
+                     study_name=None, seed=0, heartbeat_interval=None, grace_period=None, checkpoint=None, resume=False,
+                     overwrite=False, device="cpu", progress=False)
     sel = select(args, out=out)
     text = out.getvalue()
     assert "prior_precision" in text and "objective" in text and "converged" in text

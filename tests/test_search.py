@@ -88,18 +88,22 @@ SCRIPT = textwrap.dedent(
     from pyro_evidence import Checkpoint, SearchOptions, select_hyperparameters
     from pyro_evidence.datasets import diabetes
     from pyro_evidence.models import linear_regression
+    from pyro_evidence.objectives.laplace import LaplaceObjective
 
-    def slow(X, y=None):
-        time.sleep(0.01)
-        return linear_regression(X, y)
+    solve = LaplaceObjective.solve
 
+    def slow(self, h, theta0=None):  # the model itself runs once (it is replayed): the fits are what take time
+        time.sleep(0.05)
+        return solve(self, h, theta0)
+
+    LaplaceObjective.solve = slow
     mode, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     X, y = diabetes()
     if mode == "search":
-        select_hyperparameters(slow, X, y, method="random", search=SearchOptions(n_trials=n, storage=path, study_name="s", seed=0),
+        select_hyperparameters(linear_regression, X, y, method="random", search=SearchOptions(n_trials=n, storage=path, study_name="s", seed=0),
                                progress=False)
     else:
-        select_hyperparameters(slow, X, y, method="ift-exact", optimizer="adam", lr=0.1, max_steps=n, tol=1e-12,
+        select_hyperparameters(linear_regression, X, y, method="ift-exact", optimizer="adam", lr=0.1, max_steps=n, tol=1e-12,
                                checkpoint=Checkpoint(path, resume=mode == "resume"), progress=False)
     """
 )
@@ -246,23 +250,106 @@ def test_a_kill_right_after_optuna_creates_a_trial_loses_nothing_and_counts_noth
     assert len(set(params)) == 8
 
 
-def test_an_untagged_trial_is_an_orphan_only_once_it_is_older_than_the_grace(monkeypatch):
+def tag(trial, pid, number=None):
+    trial.set_user_attr("host", __import__("socket").gethostname())
+    trial.set_user_attr("pid", pid)
+    trial.set_user_attr("trial", trial.number if number is None else number)
+
+
+@pytest.mark.parametrize("heartbeats", [False, True])
+def test_an_untagged_trial_is_an_orphan_only_once_it_is_older_than_the_grace(heartbeats, monkeypatch):
     from pyro_evidence import search
 
     study = optuna.create_study()
     trial = study.ask()
-    assert search._owner(study.trials[0]) == "unknown"  # its process may be tagging it right now
-    trial.set_user_attr("host", __import__("socket").gethostname())
-    trial.set_user_attr("pid", os.getpid())
-    assert search._owner(study.trials[0]) == "live"
-    study.ask()
+    assert search._owner(study.trials[0], heartbeats) == "unknown"  # its process may be tagging it right now
+    tag(trial, os.getpid())
+    assert search._owner(study.trials[0], heartbeats) == "live"
+    retried = study.ask()
+    tag(retried, os.getpid(), number=0)  # the tags a retried trial copies from its orphan do not count
     monkeypatch.setattr(search, "ORPHAN_GRACE_SECONDS", 0.0)
-    assert search._owner(study.trials[1]) == "dead"
+    assert search._owner(study.trials[1], heartbeats) == "dead"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    other = study.ask()
-    other.set_user_attr("host", __import__("socket").gethostname())
-    other.set_user_attr("pid", int(dead.stdout))
-    assert search._owner(study.trials[2]) == "dead"
+    tag(study.ask(), int(dead.stdout))
+    # a journal asks the process; with heartbeats only a stale heartbeat makes an orphan, whatever the host
+    assert search._owner(study.trials[2], heartbeats) == ("live" if heartbeats else "dead")
+
+
+# --- many machines on one PostgreSQL database ---------------------------------------------
+
+WORKER = textwrap.dedent(
+    """
+    import os, socket, sys, time
+    socket.gethostname = lambda: os.environ["WORKER_HOST"]  # each worker a machine of its own: no pid is checkable
+    from pyro_evidence import SearchOptions, select_hyperparameters
+    from pyro_evidence.datasets import diabetes
+    from pyro_evidence.models import linear_regression
+    from pyro_evidence.objectives.laplace import LaplaceObjective
+
+    solve = LaplaceObjective.solve
+
+    def slow(self, h, theta0=None):  # long enough for a kill to land inside a trial
+        time.sleep(0.3)
+        return solve(self, h, theta0)
+
+    LaplaceObjective.solve = slow
+    url, n = sys.argv[1], int(sys.argv[2])
+    X, y = diabetes()
+    select_hyperparameters(linear_regression, X, y, method="random", progress=False,
+                           search=SearchOptions(n_trials=n, storage=url, study_name="chaos", heartbeat_interval=1, grace_period=2))
+    """
+)
+
+
+def test_workers_on_many_machines_killed_at_random_complete_exactly_n_trials(tmp_path, postgresql_url):
+    import itertools
+    import random
+
+    n, rng = 60, random.Random(0)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+
+    def start(k):
+        return subprocess.Popen([sys.executable, str(script), postgresql_url, str(n)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, "WORKER_HOST": f"machine-{k}"})
+
+    def trials(*states):
+        try:
+            study = optuna.load_study(study_name="chaos", storage=postgresql_url)
+        except KeyError:
+            return []
+        return study.get_trials(deepcopy=False, states=states or None)
+
+    workers = {k: start(k) for k in range(4)}
+    machines, killed = itertools.count(4), []
+    while len(killed) < 5:  # SIGKILL workers in the middle of a trial, and start another machine in each one's place
+        holding = [t for t in trials(optuna.trial.TrialState.RUNNING) if t.user_attrs.get("trial") == t.number]
+        victims = [t for t in holding if t.user_attrs["pid"] in {w.pid for w in workers.values()}]
+        if not victims:
+            assert all(w.poll() is None for w in workers.values()), "a worker ended before the kills were done"
+            time.sleep(0.05)
+            continue
+        pid = rng.choice(victims).user_attrs["pid"]
+        k = next(k for k, w in workers.items() if w.pid == pid)
+        worker = workers.pop(k)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        # what it held when it died (it may have finished the trial seen above and asked for the next)
+        killed += [t.number for t in trials(optuna.trial.TrialState.RUNNING) if t.user_attrs.get("pid") == pid]
+        k = next(machines)
+        workers[k] = start(k)
+        time.sleep(rng.uniform(0.1, 0.5))
+    for w in workers.values():
+        assert w.wait(timeout=300) == 0, w.stderr.read().decode()[-2000:]
+    done = trials(optuna.trial.TrialState.COMPLETE)
+    assert len(done) == n and len({t.number for t in done}) == n
+    drawn = [tuple(sorted(t.params.items())) for t in done]
+    assert len(set(drawn)) == n  # no point ran twice
+    assert not trials(optuna.trial.TrialState.RUNNING)
+    by_number = {t.number: t for t in trials()}
+    for number in killed:  # each trial a kill interrupted was failed, and what it had drawn run again to completion
+        assert by_number[number].state == optuna.trial.TrialState.FAIL
+        assert any(by_number[number].params.items() <= t.params.items() for t in done)
 
 
 # --- a study is never answered for another problem ------------------------------------------
@@ -419,3 +506,17 @@ def test_a_search_where_the_objective_never_is_finite_ends_with_a_clear_error():
     X, y = diabetes()
     with pytest.raises(FloatingPointError, match="not finite at 4 trials in a row"):
         select_hyperparameters(fragile, X, y, method="random", progress=False, search=SearchOptions(n_trials=4, bounds={"prior_precision": (6.0, 60.0)}))
+
+
+def test_a_study_written_by_the_library_is_json_clean_for_optuna_dashboard(tmp_path):
+    import json
+
+    X, y = diabetes()
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    select_hyperparameters(linear_regression, X, y, method="random", progress=False,
+                           search=SearchOptions(n_trials=3, storage=storage, study_name="s"))
+    study = optuna.load_study(study_name="s", storage=storage)
+    # the dashboard shows attributes as JSON: each must come back from JSON as it went in
+    for attrs in [study.user_attrs, *(t.user_attrs for t in study.trials)]:
+        assert attrs and json.loads(json.dumps(attrs)) == attrs
+    assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)

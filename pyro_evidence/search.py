@@ -379,12 +379,17 @@ def search(obj, method, *, n_trials, bounds=None, grid=None, grid_points=10, sto
         path = storage if isinstance(storage, str) and "://" not in storage else None
         storage = open_storage(storage, heartbeat_interval, grace_period)
         try:
-            study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+            study, created = _study(optuna, name, storage)
         except ValueError as e:  # a journal read further while the study loads
             if path is None or "Invalid log format" not in str(e) and "Expecting" not in str(e):
                 raise
             raise _damaged_journal(path, e) from None
         _check_fingerprint(study, key, name)
+        start = problem.h_init.detach().cpu().tolist()
+        if created and method != "grid" and all(lo <= x <= hi for x, lo, hi in zip(start, low.tolist(), high.tolist())):
+            # the first point is where every gradient method starts: no search ends below its start; only the
+            # process that created the study queues it, so workers starting together do not run it twice
+            study.enqueue_trial(dict(zip(names, start)), skip_if_exists=True)
         # random draws depend on (seed, trial number) only: reproducible by seed, and a resumed or
         # joining process never replays the draws already in the study
         if method == "random":
@@ -401,6 +406,15 @@ def search(obj, method, *, n_trials, bounds=None, grid=None, grid_points=10, sto
         except KeyboardInterrupt:
             raise SearchInterrupted(study) from None
     return study
+
+
+def _study(optuna, name, storage):
+    """``(study, created)``: the study of that name, and whether this call created it (creation is atomic in
+    every storage, so exactly one of several processes starting together learns it did)."""
+    try:
+        return optuna.create_study(study_name=name, storage=storage, direction="maximize"), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage), False
 
 
 class SearchInterrupted(KeyboardInterrupt):

@@ -64,8 +64,8 @@ def test_auto_selects_as_the_device_it_chooses():
 
 def test_the_select_command_takes_auto():
     args = Namespace(case="linear-diabetes", objective="laplace", method="ift-exact", max_steps=50, n_trials=None,
-                     storage=None, study_name=None, seed=0, checkpoint=None, resume=False, overwrite=False, device="auto",
-                     progress=False)
+                     storage=None, study_name=None, seed=0, heartbeat_interval=None, grace_period=None, checkpoint=None,
+                     resume=False, overwrite=False, device="auto", progress=False)
     out = io.StringIO()
     sel = select(args, out=out)
     assert f"on {sel.problem.device}" in out.getvalue() and sel.converged

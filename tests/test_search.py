@@ -520,3 +520,18 @@ def test_a_study_written_by_the_library_is_json_clean_for_optuna_dashboard(tmp_p
     for attrs in [study.user_attrs, *(t.user_attrs for t in study.trials)]:
         assert attrs and json.loads(json.dumps(attrs)) == attrs
     assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+@pytest.mark.parametrize("method", ["random", "gp"])
+def test_a_search_evaluates_the_start_first_so_it_never_ends_below_it(method):
+    from .common import linear_gaussian_log_evidence
+
+    X, y = diabetes()
+    pyro.param("prior_precision", torch.tensor(3.0, dtype=torch.float64))
+    sel = select_hyperparameters(linear_regression, X, y, method=method, search=SearchOptions(n_trials=3), progress=False)
+    first = sel.history[0]
+    assert float(first.hyperparameters["prior_precision"]) == pytest.approx(3.0, rel=1e-12)
+    assert float(first.hyperparameters["noise_precision"]) == pytest.approx(1.0, rel=1e-12)
+    start = linear_gaussian_log_evidence(X, y, 3.0, 1.0)
+    assert first.objective == pytest.approx(float(start), rel=1e-10)
+    assert float(sel.objective) >= first.objective

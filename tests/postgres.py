@@ -41,15 +41,16 @@ def server():
     data = os.path.join(root, "data")
     options = f"-p 5432 -k {root} -c listen_addresses='' -c fsync=off -c max_connections=200"
     try:
+        # run from the server's own folder: the postgres user may not be able to read the tests' working directory
         subprocess.run([*as_user, f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "evidence", "--no-sync", "-E", "UTF8"],
-                       check=True, capture_output=True)
+                       check=True, capture_output=True, cwd=root)
         subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", data, "-l", os.path.join(root, "log"), "-o", options, "-w", "start"],
-                       check=True, capture_output=True)
+                       check=True, capture_output=True, cwd=root)
     except subprocess.CalledProcessError as e:
         shutil.rmtree(root, ignore_errors=True)
         raise LookupError(f"the PostgreSQL server did not start: {e.stderr.decode()[-500:]}") from None
     try:
         yield f"postgresql+psycopg2://evidence@/postgres?host={root}&port=5432"
     finally:
-        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"], capture_output=True)
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"], capture_output=True, cwd=root)
         shutil.rmtree(root, ignore_errors=True)

@@ -390,22 +390,23 @@ def search(obj, method, *, n_trials, bounds=None, grid=None, grid_points=10, sto
             # the first point is where every gradient method starts: no search ends below its start; only the
             # process that created the study queues it, so workers starting together do not run it twice
             study.enqueue_trial(dict(zip(names, start)), skip_if_exists=True)
-        # random draws depend on (seed, trial number) only: reproducible by seed, and a resumed or
-        # joining process never replays the draws already in the study
-        if method == "random":
-            study.sampler = _NumberedRandomSampler(optuna, seed)
-        elif method == "gp":
-            study.sampler = optuna.samplers.GPSampler(
-                seed=seed + len(study.trials), n_startup_trials=min(10, n_trials),
-                independent_sampler=_NumberedRandomSampler(optuna, seed),
-            )
-        else:
-            study.sampler = _Grid(optuna)(space, seed=seed)
+        study.sampler = _sampler(optuna, method, seed, study, n_trials, space)
         try:
             _trials(study, optuna, obj, names, low, high, method, space, n_trials, on_trial)
         except KeyboardInterrupt:
             raise SearchInterrupted(study) from None
     return study
+
+
+def _sampler(optuna, method, seed, study, n_trials, space):
+    # random draws depend on (seed, trial number) only: reproducible by seed, and a resumed or
+    # joining process never replays the draws already in the study
+    if method == "random":
+        return _NumberedRandomSampler(optuna, seed)
+    if method == "gp":
+        return optuna.samplers.GPSampler(seed=seed + len(study.trials), n_startup_trials=min(10, n_trials),
+                                         independent_sampler=_NumberedRandomSampler(optuna, seed))
+    return _Grid(optuna)(space, seed=seed)
 
 
 def _study(optuna, name, storage):

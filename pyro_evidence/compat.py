@@ -7,7 +7,8 @@ which moves one is one file's work; ``pyproject.toml`` bounds the versions it wa
 the documented way to see every ATen operation, used by :mod:`pyro_evidence.replay`) and whether a ``torch.func``
 transform is active (``torch._C._functorch``). From Optuna: the heartbeat of a trial run by ask-and-tell
 (``optuna.storages._heartbeat``; ``study.optimize`` keeps one, ``study.ask`` does not) and the parameters a
-queued trial was created with (the system attribute ``fixed_params``).
+queued trial was created with (the system attribute ``fixed_params``); the completed trials a ``GPSampler`` fits
+its GP to (``_sample_relative_impl``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode as DispatchMode
 
 __all__ = ["DispatchMode", "autodiagonal_latents", "autonormal_loc_scale", "in_transform", "mask_of", "setup_prototype",
-           "written_arguments", "heartbeat_enabled", "heartbeat", "queued_params"]
+           "written_arguments", "heartbeat_enabled", "heartbeat", "queued_params", "gp_sampler"]
 
 
 def autodiagonal_latents(guide, flat):
@@ -86,3 +87,32 @@ def queued_params(trial) -> dict:
     """The parameters of a ``FrozenTrial``: those it drew and those it was queued with (``enqueue_trial``)
     but had not drawn yet."""
     return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+
+
+def gp_sampler(optuna, warp, **options):
+    """Optuna's ``GPSampler(**options)`` whose Gaussian process is fitted to ``warp(values)`` of the completed
+    trials instead of their values (``_sample_relative_impl`` receives them; the study keeps the values), and
+    told that the objective is deterministic (``deterministic_objective``, experimental in Optuna 5). An Optuna
+    without these gets the plain sampler, with a warning."""
+    import copy
+    import inspect
+    import warnings
+
+    base = optuna.samplers.GPSampler
+    if not (hasattr(base, "_sample_relative_impl") and "deterministic_objective" in inspect.signature(base).parameters):
+        warnings.warn(f"optuna {optuna.__version__}'s GPSampler cannot be given warped values: its GP is fitted to the raw "
+                      "objective", RuntimeWarning, stacklevel=3)
+        return base(**options)
+
+    class WarpedGPSampler(base):
+        def _sample_relative_impl(self, study, completed_trials, *args, **kwargs):
+            warped = []
+            for trial, value in zip(completed_trials, warp([t.value for t in completed_trials])):
+                trial = copy.copy(trial)
+                trial.value = float(value)
+                warped.append(trial)
+            return super()._sample_relative_impl(study, warped, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return WarpedGPSampler(deterministic_objective=True, **options)

@@ -230,7 +230,9 @@ def capped_at_median(values):
     high, against a peak a few nats wide), and fitted to such values the standardised GP sees the region
     of the optimum as flat and spends its trials in the corners. Capped, the bad half is one plateau that the
     GP models with confidence (the same split of the trials at a quantile that drives TPE, Bergstra et al. 2011).
-    ``benchmarks/results/search.md`` measures it against Optuna's ``GPSampler`` fitted to the raw values."""
+    On the Laplace evidence of diabetes (default box, 40 trials, 20 seeds) the best value found ends 0.032 nats
+    from the optimum on average, worst 0.122, against 15.6 and 42.9 for Optuna's ``GPSampler`` fitted to the raw
+    values (``benchmarks/results/search.md``)."""
     import numpy as np
 
     values = np.asarray(values, dtype=float)

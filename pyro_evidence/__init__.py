@@ -22,6 +22,7 @@ from .sequential import sequential_log_predictive
 from .checkpoint import Checkpoint
 from .search import SearchOptions
 from .select import Selection, Step, select_hyperparameters
+from .structure import StructureSelection, choice, gate, select_structure
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,10 @@ __all__ = [
     "SearchOptions",
     "Selection",
     "Step",
+    "StructureSelection",
+    "choice",
+    "gate",
+    "select_structure",
     "compare_models",
     "cv_log_predictive",
     "elbo_evidence",

@@ -274,7 +274,7 @@ class _Evaluator:
         if "trajectory" in needs and "batch_size" in self.options:
             self.options["step_loss"] = obj.step_loss(self.options.pop("batch_size"), self.options.pop("seed", 0))
         self.progress = Progress(obj.theta_init)
-        self.start = time.perf_counter()
+        self.start, self.hypernet = time.perf_counter(), None
 
     def __call__(self, h, **extra):
         cache = self.progress.cache
@@ -299,6 +299,10 @@ class _Evaluator:
 
     def _hypergradient(self, h, opts):
         obj, method = self.obj, self.method
+        if "hypernet" in method.needs:  # the network is the inner solve: trained around h from the last one
+            hg = method(obj.inner_loss, obj.validation, self.progress.theta, h, hypernet=self.hypernet, **opts)
+            self.hypernet = hg.info["hypernet"]
+            return hg, hg.info["theta"]
         if "trajectory" in method.needs:  # the trajectory is the inner solve, warm-started from the last θ_η
             hg = method(obj.inner_loss, obj.validation, self.progress.theta, h, **opts)
             return hg, hg.info["theta"]
@@ -340,7 +344,7 @@ def _check_method_options(method, options):
         if options:
             raise ValueError(f"method_options {sorted(options)[0]!r}: method {method!r} takes no method_options")
         return
-    internal = {"hessian", "per_example", "step_loss", "x0"}  # supplied by the selection loop itself
+    internal = {"hessian", "per_example", "step_loss", "x0", "hypernet"}  # supplied by the selection loop itself
     given = set(options) & internal
     if given:
         raise ValueError(f"method_options {sorted(given)[0]!r} is set by select_hyperparameters itself; leave it out")

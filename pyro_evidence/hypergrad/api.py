@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .greedy import GREEDY
+from .hypernetwork import HYPERNETWORK
 from .implicit import IMPLICIT, check_validation
 from .unrolled import UNROLLED
 
@@ -22,6 +23,8 @@ class Method:
     - ``"hessian"``: the dense inner Hessian at ``θ`` (``hessian=``, with ``jitter=``), which the inner
       solve has already formed;
     - ``"per_example"``: the per-example inner losses (``per_example=``);
+    - ``"hypernet"``: the hypernetwork of its previous call (``hypernet=``), its training's warm start; it
+      returns the network's best response at ``h`` in ``info["theta"]`` and the network in ``info["hypernet"]``;
     - ``"trajectory"``: nothing — it runs the inner optimisation itself from ``θ`` (its ``θ_0``) and returns
       the end point in ``info["theta"]``; it takes a minibatch loss as ``step_loss=``.
 
@@ -52,6 +55,7 @@ METHODS = {
 }
 METHODS["ift-exact"] = Method(IMPLICIT["ift-exact"], frozenset({"hessian"}))
 METHODS["larsen"] = Method(IMPLICIT["larsen"], frozenset({"per_example"}))
+METHODS["hypernetwork"] = Method(HYPERNETWORK["hypernetwork"], frozenset({"hypernet"}))
 
 
 def hypergradient(inner_loss, validation, theta, h, method: str = "ift-exact", **options):
@@ -67,7 +71,8 @@ def hypergradient(inner_loss, validation, theta, h, method: str = "ift-exact", *
         ``damping``, ``x0`` for CG; ``alpha``, ``terms`` for Neumann; ``lr`` for T1–T2, greedy
         and DARTS; ``eps`` for DARTS; ``per_example`` for Larsen; ``hessian``, ``jitter`` for the
         dense solve; ``num_steps``, ``lr``, ``momentum``, ``step_loss``, ``last`` for the unrolled
-        methods, where ``theta`` is the starting point ``θ_0``). HOAG is an outer loop, not a
+        methods, where ``theta`` is the starting point ``θ_0``; ``hypernet``, ``scale``, ``num_draws``, ``num_steps``,
+        ``reach`` for the hypernetwork, whose trained network comes back in ``info["hypernet"]``). HOAG is an outer loop, not a
         hypergradient: ``select_hyperparameters(method="hoag")``; its inner step is ``"ift-cg"``.
     :returns: :class:`~pyro_evidence.hypergrad.implicit.Hypergradient`.
 

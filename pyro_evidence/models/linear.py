@@ -5,8 +5,10 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
+from ..structure import gate
 
-def linear_regression(X, y=None, ard: bool = False, precision_rate: float = 0.0):
+
+def linear_regression(X, y=None, ard: bool = False, precision_rate: float = 0.0, gated: bool = False):
     """
     ``w ~ N(0, A⁻¹)``, ``y | X, w ~ N(X w, β⁻¹ I)``.
 
@@ -18,6 +20,9 @@ def linear_regression(X, y=None, ard: bool = False, precision_rate: float = 0.0)
     hyperprior on the prior precision, the ``lambda_2`` term of scikit-learn's ``BayesianRidge``.
     When the data carry no evidence for a weight, the type-II optimum of its precision is
     infinite; the hyperprior makes it finite (MAP-II) at a negligible cost elsewhere.
+
+    ``gated=True`` switches each feature by a :func:`~pyro_evidence.structure.gate` (``y ~ N(X (g ⊙ w), β⁻¹ I)``,
+    hyperparameter ``features_logits``): the structure for :func:`~pyro_evidence.structure.select_structure`.
     """
     d = X.shape[-1]
     alpha = pyro.param(
@@ -29,5 +34,7 @@ def linear_regression(X, y=None, ard: bool = False, precision_rate: float = 0.0)
     if precision_rate:
         pyro.factor("prior_precision_hyperprior", -precision_rate * alpha.sum())
     w = pyro.sample("w", dist.Normal(0.0, alpha.rsqrt()).expand([d]).to_event(1))
+    if gated:
+        w = gate("features", d) * w
     with pyro.plate("data", X.shape[0]):
         return pyro.sample("y", dist.Normal(X @ w, beta.rsqrt()), obs=y)

@@ -37,6 +37,7 @@ def test_the_registry_says_what_each_method_needs():
     from pyro_evidence.hypergrad import METHODS
 
     assert METHODS["ift-exact"].needs == {"hessian"} and METHODS["larsen"].needs == {"per_example"}
+    assert METHODS["hypernetwork"].needs == {"hypernet"}
     assert all(METHODS[m].needs == {"trajectory"} for m in ("forward", "rmad", "truncated", "drmad"))
     assert all(not METHODS[m].needs for m in ("ift-cg", "ift-neumann", "t1-t2", "greedy", "darts"))
 

@@ -101,22 +101,37 @@ def relaxed_one_hot(logits, u, temperature):
     return torch.softmax((logits - torch.log(-torch.log(u))) / temperature, dim=-1)
 
 
-def _switch(name, start, relax, harden, soft):
+@dataclass(frozen=True)
+class _Switch:
+    """What a gate or a choice is: its relaxation, its hard state and its probabilities, each of the logits."""
+
+    relax: object
+    harden: object
+    soft: object
+
+    def hard(self, logits):
+        return self.harden(logits).to(logits.dtype)
+
+
+def _switch(name, start, switch):
     logits = pyro.param(LOGITS.format(name), lambda: start)
     mode = _state["mode"]
     if mode is None:
-        return soft(logits)
-    mode["names"][name] = relax
+        return switch.soft(logits)
+    mode["names"][name] = switch
     if mode["kind"] == "hard":
-        return harden(logits).to(logits.dtype)
-    return relax(logits, _noise(mode, name, logits), mode["temperature"])
+        return switch.hard(logits)
+    return switch.relax(logits, _noise(mode, name, logits), mode["temperature"])
+
+
+_GATE = _Switch(relaxed_bernoulli, lambda logits: logits > 0, torch.sigmoid)
 
 
 def gate(name: str, shape=(), init: float = 2.0):
     """A 0/1 switch per element of ``shape`` (features, units, layers), relaxed (module docstring); its
     logits are the hyperparameter ``{name}_logits``, initially ``init`` (on, with probability σ(init))."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    return _switch(name, torch.full(shape, float(init)), relaxed_bernoulli, lambda l: l > 0, torch.sigmoid)
+    return _switch(name, torch.full(shape, float(init)), _GATE)
 
 
 def choice(name: str, n: int, init=None):
@@ -127,8 +142,8 @@ def choice(name: str, n: int, init=None):
     start = torch.zeros(n) if init is None else torch.as_tensor(init, dtype=torch.float32).clone()
     if start.shape != (n,):
         raise ValueError(f"init of choice {name!r} must have shape ({n},), got {tuple(start.shape)}")
-    one_hot = lambda l: torch.nn.functional.one_hot(l.argmax(-1), n)  # noqa: E731
-    return _switch(name, start, relaxed_one_hot, one_hot, lambda l: torch.softmax(l, -1))
+    one_hot = lambda logits: torch.nn.functional.one_hot(logits.argmax(-1), n)  # noqa: E731
+    return _switch(name, start, _Switch(relaxed_one_hot, one_hot, lambda logits: torch.softmax(logits, -1)))
 
 
 def particles(model, num_particles):
@@ -138,11 +153,13 @@ def particles(model, num_particles):
 
     def each(*args, **kwargs):
         mode = _state["mode"]
-        for s in range(num_particles):
-            mode["particle"] = s
-            with scope(prefix=f"particle{s}"):
-                model(*args, **kwargs)
-        mode["particle"] = 0
+        try:
+            for s in range(num_particles):
+                mode["particle"] = s
+                with scope(prefix=f"particle{s}"):
+                    model(*args, **kwargs)
+        finally:
+            mode["particle"] = 0
 
     return each
 
@@ -197,7 +214,7 @@ def select_structure(model, *args, objective="laplace", method: str = "ift-exact
     if not names:
         raise ValueError("the model has no gate() or choice() site: there is no structure to select")
     for temperature in temperatures:
-        with relaxed(temperature, num_particles, seed) as mode:
+        with relaxed(temperature, num_particles, seed):
             sel = select_hyperparameters(particles(model, num_particles), *args, objective=objective, method=method,
                                          max_steps=max_steps, hyperparameters=_with_logits(hyperparameters, names), **options)
         stages.append((temperature, sel))
@@ -211,9 +228,8 @@ def select_structure(model, *args, objective="laplace", method: str = "ift-exact
 
     final, undecided = _settle(names, exact)
     store = {n: pyro.param(LOGITS.format(n)).detach() for n in names}
-    structure = {n: (l > 0).to(l.dtype) if names[n] is relaxed_bernoulli else torch.nn.functional.one_hot(l.argmax(-1), l.shape[-1]).to(l.dtype)
-                 for n, l in store.items()}
-    probabilities = {n: torch.sigmoid(l) if names[n] is relaxed_bernoulli else torch.softmax(l, -1) for n, l in store.items()}
+    structure = {n: names[n].hard(logits) for n, logits in store.items()}
+    probabilities = {n: names[n].soft(logits) for n, logits in store.items()}
     return StructureSelection(structure, final.objective, final, probabilities, stages, undecided)
 
 
@@ -223,7 +239,7 @@ def _settle(names, exact, undecided=UNDECIDED):
     left): each, least decided first, is flipped and kept flipped where the exact objective rises."""
     best = exact()
     doubtful = [(float(pyro.param(LOGITS.format(n)).detach().reshape(-1)[i].abs()), n, i)
-                for n, relax in names.items() if relax is relaxed_bernoulli
+                for n, switch in names.items() if switch is _GATE
                 for i, p in enumerate(torch.sigmoid(pyro.param(LOGITS.format(n)).detach()).reshape(-1).tolist())
                 if abs(p - 0.5) < undecided]
     settled = []
@@ -253,7 +269,7 @@ def _write(store, name, value):
 
 
 def _switches(model, args, model_kwargs):
-    """``{name: relaxation}`` of the model's gates and choices, from the run that casts its params to the data's
+    """``{name: _Switch}`` of the model's gates and choices, from the run that casts its params to the data's
     dtype and device."""
     from .problem import Problem
 

@@ -13,9 +13,11 @@ current ``h``, and the hypergradient is the derivative of ``Q`` through it,
         L(\\theta_\\phi(h + \\varepsilon), h + \\varepsilon).
 
 The network is affine, ``θ_φ(h') = θ_c + U (h' − h_c)`` (Lorraine & Duvenaud's linear hypernetwork;
-``U`` is ``|θ| × |h|``), trained on a fixed set of antithetic draws ``±ε_k`` and the centre ``h_c`` by
-the inner minimiser (:func:`~pyro_evidence.optim.minimize`: Newton where the dense Hessian of the
-``|θ|(|h| + 1)`` parameters fits, L-BFGS beyond). Where the best response is affine over the sampled
+``U`` is ``|θ| × |h|``), trained on a fixed set of antithetic draws ``±ε_k`` and the centre ``h_c``:
+with ``W = [θ_c | U]`` and ``ẽ_k = (1, ε_k)`` the training loss is ``mean_k L(W ẽ_k, h_c + ε_k)``, whose
+Hessian is ``mean_k ∇²L_k ⊗ ẽ_k ẽ_kᵀ`` — built from the draws' ``|θ| × |θ|`` inner Hessians, so modified
+Newton (:func:`~pyro_evidence.optim.newton`) trains it in a few steps where the ``|θ|(|h| + 1)``
+parameters fit a dense matrix (:data:`NEWTON_MAX_DIM`), L-BFGS beyond. Where the best response is affine over the sampled
 range the trained ``U`` is ``dθ*/dh`` and the hypergradient equals the implicit one; elsewhere it is
 the best affine fit to the best response over ``h_c ± σ``, a smoothed ``dθ*/dh``.
 
@@ -40,10 +42,14 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad, grad_and_value
 
-from ..optim import minimize
+from ..linalg import value_grad_hessian
+from ..optim import minimize, newton
 from .implicit import Hypergradient
 
 __all__ = ["Hypernet", "StaleHypernetwork", "hypernetwork", "HYPERNETWORK"]
+
+
+NEWTON_MAX_DIM = 2000  # of the network's parameters |θ|(|h| + 1): above, L-BFGS without a dense Hessian
 
 
 class StaleHypernetwork(UserWarning):
@@ -77,19 +83,46 @@ def _draws(h, num_draws, scale, seed):
     return torch.cat([h.new_zeros(1, h.numel()), eps, -eps])
 
 
+def _draw_derivatives(inner_loss, h, offsets):
+    """``vgh(z)`` of the training loss ``mean_k L(W ẽ_k, h + ε_k)`` over ``z = vec W``, ``W = [θ_c | U]``, ``ẽ_k =
+    (1, ε_k)``, from each draw's own value, gradient ``g_k`` and Hessian ``H_k``: ``∇_W = mean_k g_k ẽ_kᵀ`` and
+    ``∇²_W = mean_k H_k ⊗ ẽ_k ẽ_kᵀ``. The draws' Hessians are ``|θ| × |θ|``: forming them costs ``K|θ|`` backward
+    passes through one inner loss each, where autograd's Hessian of the averaged loss would cost ``|θ|(|h| + 1)``
+    passes through all ``K`` of them."""
+    E = torch.cat([offsets.new_ones(offsets.shape[0], 1), offsets], 1)
+
+    def vgh(z):
+        W = z[0].reshape(-1, E.shape[1])
+        f, g, H = map(torch.stack, zip(*(value_grad_hessian(lambda t, e=e: inner_loss(t, h + e), W @ ee) for e, ee in zip(offsets, E))))
+        n = W.numel()
+        g = torch.einsum("ki,ka->ia", g, E) / len(E)
+        H = torch.einsum("kij,ka,kb->iajb", H, E, E).reshape(n, n) / len(E)
+        return f.mean()[None], g.reshape(1, n), H[None]
+
+    return vgh
+
+
 def _train(inner_loss, start, h, scale, num_draws, num_steps, seed, reach):
     d, m = start.theta.numel(), h.numel()
     offsets = _draws(h, num_draws, scale, seed)
+    tol = torch.finfo(h.dtype).eps ** 0.5
 
     def loss(z):
-        theta, U = z[:d], z[d:].reshape(d, m)
-        return sum(inner_loss(theta + U @ e, h + e) for e in offsets) / offsets.shape[0]
+        W = z.reshape(d, m + 1)
+        return sum(inner_loss(W[:, 0] + W[:, 1:] @ e, h + e) for e in offsets) / offsets.shape[0]
 
-    z0 = torch.cat([start(h), start.U.reshape(-1)])
-    fit = minimize(loss, z0, max_iter=num_steps, max_newton=max(1, min(20, num_steps)))
-    net = Hypernet(fit.theta[:d], fit.theta[d:].reshape(d, m), h.clone(), scale, reach)
+    z, converged, iterations = torch.cat([start(h)[:, None], start.U], 1).reshape(-1), False, 0
+    if z.numel() <= NEWTON_MAX_DIM:  # modified Newton: τ = 0, plain Newton, where the Hessian is positive definite
+        fit = newton(_draw_derivatives(inner_loss, h, offsets), z[None], max_steps=num_steps, modified=True)
+        z, iterations = fit.theta[0], fit.steps
+        converged = float(fit.g.norm()) <= tol * max(1.0, abs(float(fit.f[0])))
+    if not converged:  # too large for a dense Hessian, or Newton stalled (round-off at extreme h)
+        fit = minimize(loss, z, max_iter=num_steps, tol=tol, newton_max_dim=0)
+        z, converged, iterations = fit.theta, fit.converged, iterations + fit.lbfgs_iterations
+    W = z.reshape(d, m + 1)
+    net = Hypernet(W[:, 0], W[:, 1:], h.clone(), scale, reach)
     residual = torch.stack([grad(inner_loss)(net(h + e), h + e).norm() for e in offsets])
-    return net, fit, float(residual.pow(2).mean().sqrt())
+    return net, iterations, converged, float(residual.pow(2).mean().sqrt())
 
 
 def hypernetwork(inner_loss, validation, theta, h, *, hypernet: Hypernet | None = None, scale: float = 0.1,
@@ -113,8 +146,8 @@ def hypernetwork(inner_loss, validation, theta, h, *, hypernet: Hypernet | None 
     if num_steps > 0:
         start = hypernet if hypernet is not None else Hypernet(theta, theta.new_zeros(theta.numel(), h.numel()), h, scale, reach)
         num_draws = 2 * max(h.numel(), 2) if num_draws is None else num_draws
-        hypernet, fit, info["train_residual"] = _train(inner_loss, start, h, scale, num_draws, num_steps, seed, reach)
-        info.update(iterations=fit.lbfgs_iterations + fit.newton_steps, converged=fit.converged, num_draws=num_draws)
+        hypernet, iterations, converged, info["train_residual"] = _train(inner_loss, start, h, scale, num_draws, num_steps, seed, reach)
+        info.update(iterations=iterations, converged=converged, num_draws=num_draws)
     stale = not hypernet.covers(h)
     if stale:
         warnings.warn(f"the hypernetwork was trained for h within ±{hypernet.reach * hypernet.scale:.3g} of its centre; h is "

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pyro_evidence import Problem, hypergradient, select_hyperparameters
+from pyro_evidence.hypergrad import hypernetwork as hn
 from pyro_evidence.hypergrad.hypernetwork import StaleHypernetwork
 from pyro_evidence.objectives import HoldoutObjective
 
@@ -90,6 +91,36 @@ def test_select_with_the_hypernetwork_reaches_the_implicit_selection(holdout):
     sel = select_hyperparameters(shifted_prior, X, y, objective="holdout", method="hypernetwork", optimizer="lbfgs", progress=False,
                                  method_options={"scale": 0.3})
     assert_close(sel.hyperparameters["prior_mean"], ref.hyperparameters["prior_mean"], atol=1e-5)
+
+
+def test_the_training_derivatives_assembled_from_the_draws_equal_autograd():
+    # a non-quadratic inner loss, so that every draw has its own Hessian
+    L = lambda t, h: (t.pow(4) / 4).sum() + (h.exp()[:, None] * (t - h.sum()) ** 2).sum() / 2  # noqa: E731
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, generator=g, dtype=torch.float64)
+    offsets = hn._draws(h, 4, 0.3, seed=0)
+    z = torch.randn(1, 3 * 3, generator=g, dtype=torch.float64)
+
+    def loss(z):
+        W = z.reshape(3, 3)
+        return sum(L(W[:, 0] + W[:, 1:] @ e, h + e) for e in offsets) / len(offsets)
+
+    f, grad_, hess = hn._draw_derivatives(L, h, offsets)(z)
+    assert_close(f[0], loss(z[0]), rtol=1e-12)
+    assert_close(grad_[0], torch.func.grad(loss)(z[0]), rtol=1e-12)
+    assert_close(hess[0], torch.func.hessian(loss)(z[0]), rtol=1e-12)
+
+
+def test_newton_and_lbfgs_train_the_same_network(holdout, monkeypatch):
+    obj, h = holdout
+    # the best response is affine everywhere; a wide range keeps U's curvature (∝ σ²) from leaving L-BFGS ill-conditioned
+    newton = hypergradient(obj.inner_loss, obj.validation, obj.theta_init, h, method="hypernetwork", scale=3.0)
+    monkeypatch.setattr(hn, "NEWTON_MAX_DIM", 0)  # the path of networks too large for a dense Hessian
+    lbfgs = hypergradient(obj.inner_loss, obj.validation, obj.theta_init, h, method="hypernetwork", scale=3.0, num_steps=500)
+    # Newton solves the quadratic training loss in a step; L-BFGS approaches it (its gradient stalls near 1e-6)
+    assert newton.info["converged"] and newton.info["iterations"] <= 2 < lbfgs.info["iterations"]
+    assert_close(lbfgs.info["hypernet"].U, newton.info["hypernet"].U, atol=1e-4)
+    assert_close(lbfgs.grad, newton.grad, rtol=1e-3)
 
 
 def test_bad_hypernetwork_options(holdout):

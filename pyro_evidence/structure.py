@@ -204,6 +204,7 @@ def select_structure(model, *args, objective="laplace", method: str = "ift-exact
         ``method_options``, ``optimizer``, ``lr``, ``tol``, ``progress``, ``model_kwargs``, ``init_loc_fn``, …).
     :rtype: StructureSelection
     """
+    from .objectives import Objective, as_objective
     from .select import select_hyperparameters
     from .util import check_positive_int
 
@@ -213,9 +214,14 @@ def select_structure(model, *args, objective="laplace", method: str = "ift-exact
     stages, names = [], _switches(model, args, options.get("model_kwargs"))
     if not names:
         raise ValueError("the model has no gate() or choice() site: there is no structure to select")
+    objective = as_objective(objective, options.pop("objective_options", None))
+    # the stages solve S copies of the latents at once: the inner solver's bound on a dense Hessian (Newton) is
+    # one copy's (the ELBO's 100 guide parameters would otherwise leave 8 copies of 12 weights to L-BFGS alone)
+    bound = min(num_particles * objective.objective.newton_max_dim, Objective.newton_max_dim)
+    copies = objective.with_defaults(newton_max_dim=bound)
     for temperature in temperatures:
         with relaxed(temperature, num_particles, seed):
-            sel = select_hyperparameters(particles(model, num_particles), *args, objective=objective, method=method,
+            sel = select_hyperparameters(particles(model, num_particles), *args, objective=copies, method=method,
                                          max_steps=max_steps, hyperparameters=_with_logits(hyperparameters, names), **options)
         stages.append((temperature, sel))
     logits = {LOGITS.format(n) for n in names}

@@ -1,10 +1,13 @@
 import math
 
-import torch
-
+import pyro
 import pytest
+import torch
+from torch.distributions import constraints
 
-from pyro_evidence.experiments import LR_GRID, Mnist, calibrate, run_mnist, run_synthetic, synthetic_design
+import pyro_evidence as pe
+from pyro_evidence.experiments import LR_GRID, NOISE, Mnist, Synthetic, calibrate, run_mnist, run_synthetic, synthetic_design
+from pyro_evidence.util import isolated_params
 
 from .common import assert_close
 
@@ -55,7 +58,7 @@ def test_calibration_finds_the_largest_rate_inside_the_box(limit):
     scan = next((lr for lr in LR_GRID if lr <= limit), LR_GRID[-1])  # the seed's rule, by linear scan
     assert calibrate(setup, "ift-cg", "cv") == scan
     assert setup.calls <= 6  # bisection over 32 rates
-    assert calibrate(setup, "random", "cv") is None
+    assert calibrate(setup, "random", "cv") is None and calibrate(setup, "relaxed", "cv") is None
 
 
 def test_mnist_same_seed_same_numbers():
@@ -163,3 +166,28 @@ def test_the_runner_leaves_the_callers_param_store_and_random_state_alone():
     run_synthetic(objectives=("cv",), methods=["ift-cg"], fast=True, progress=False)
     assert set(pyro.get_param_store().keys()) == {"mine"} and float(pyro.param("mine").detach()) == 7.0
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_feature_switched_off_is_the_limit_of_an_infinite_precision():
+    setup = Synthetic(fast=True)
+    alpha = torch.full((12,), 2.0, dtype=torch.float64)
+    off, large = alpha.clone(), alpha.clone()
+    off[[3, 7]], large[[3, 7]] = math.inf, 1e12
+    a, b = (setup.evaluate({"prior_precision": v}, seed=0) for v in (off, large))
+    assert a["test"] == pytest.approx(b["test"], rel=1e-9)
+    assert [a["noise"][s] for s in NOISE] == pytest.approx([b["noise"][s] for s in NOISE], rel=1e-9)
+
+
+def test_the_relaxed_row_reports_the_hard_structures_cv():
+    setup = Synthetic(fast=True)
+    with isolated_params():
+        sel = setup.select("relaxed", "cv", seed=1, iterations=15, lr=None)  # 3 evaluations a stage; drops 3 features
+        alpha = sel.hyperparameters["prior_precision"]
+        assert bool(alpha.isinf().any()) and bool(alpha.isfinite().any())
+        # the same CV objective of the ungated model, the switched-off weights held at zero by a huge precision
+        pyro.clear_param_store()
+        pyro.param("prior_precision", alpha.nan_to_num(posinf=1e12), constraint=constraints.positive)
+        pyro.param("noise_precision", torch.tensor(1.0, dtype=torch.float64), constraint=constraints.positive)
+        obj = pe.CV(max_iter=500).bind(pe.Problem(setup.model, *setup.args))
+        q = obj.validation(obj.solve(obj.h_init).theta, obj.h_init)
+    assert float(sel.objective) == pytest.approx(float(q), abs=1e-6)

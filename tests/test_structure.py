@@ -70,6 +70,20 @@ def test_the_hard_structure_is_evaluated_exactly():
     assert gated == pytest.approx(evidence(regression, X[:, :5], y), abs=1e-8)
 
 
+def test_the_relaxed_stages_bound_dense_hessians_per_copy(monkeypatch):
+    # the ELBO leaves 100+ guide parameters to L-BFGS alone; 8 copies of 10 weights' guides (160) are 8 small problems
+    from pyro_evidence.objectives import base
+
+    bounds, minimize = [], base.minimize
+    monkeypatch.setattr(base, "minimize", lambda *a, **k: bounds.append(k["newton_max_dim"]) or minimize(*a, **k))
+    X, y = ard_data(0, n=40)
+    pyro.clear_param_store()
+    result = select_structure(gated_regression, X[:, :10], y, objective="elbo", temperatures=(1.0,), max_steps=2,
+                              progress=False, objective_options={"max_iter": 50})
+    assert set(bounds) == {800, 100} and bounds[0] == 800 and bounds[-1] == 100  # the stage, then the exact structure
+    assert len(result.stages) == 1
+
+
 def test_gradients_through_the_relaxation_match_finite_differences():
     X, y = ard_data(1, n=40)
     X = X[:, :6]

@@ -12,7 +12,7 @@ import torch
 from ..util import isolated_params, preserved_rng
 from . import mnist, synthetic
 from .mnist import Mnist
-from .setup import LR_GRID, METHODS, MNIST_METHODS, Setup
+from .setup import LR_GRID, METHODS, MNIST_METHODS, UNCALIBRATED, Setup
 from .synthetic import Synthetic
 
 EXPERIMENTS = {"synthetic": Synthetic, "mnist": Mnist}
@@ -23,7 +23,7 @@ def calibrate(setup: Setup, method, objective, grid=LR_GRID):
     """The largest hyper learning rate of the seed's ``grid`` whose calibration run (seed 0,
     ``setup.calibration_iterations``) keeps every ``log α`` inside the box and ``Q`` finite,
     found by bisection over the sorted grid."""
-    if method == "random":
+    if method in UNCALIBRATED:
         return None
 
     def stays_inside(lr):

@@ -10,9 +10,11 @@ import pyro
 import torch
 from torch.distributions import constraints
 
-METHODS = ["random", "greedy", "drmad", "hoag", "ift-neumann", "ift-cg", "rmad", "truncated"]
+METHODS = ["random", "greedy", "drmad", "hoag", "ift-neumann", "ift-cg", "rmad", "truncated", "hypernetwork", "relaxed"]
 MNIST_METHODS = ["random", "greedy", "drmad", "hoag", "ift-cg"]
 UNROLLED = {"drmad", "rmad", "truncated"}
+UNCALIBRATED = {"random", "relaxed"}  # no hyper learning rate: a search, and select_structure's L-BFGS stages
+RELAXED_STAGES = (1.0, 0.5, 0.2, 0.1)  # with the hard structure's selection, five stages share the budget
 LR_GRID = sorted({r * 10.0**s for s in range(-6, 2) for r in (1, 25, 50, 75)}, reverse=True)
 NOISE = (0.0, 0.1, 0.25, 0.5)
 COLLAPSED_SHARE = 0.9  # a classifier giving one class to this share of the test set ignores its inputs
@@ -51,6 +53,8 @@ class Setup:
     objective_options: dict = field(default_factory=dict)
     init_loc_fn: object = None
     hessian: str = "exact"  # the curvature of the Laplace evidence
+    gated: dict = field(default_factory=dict)  # the model_kwargs that add structure gates (method "relaxed")
+    switches: dict = field(default_factory=dict)  # gate -> the prior precisions of the weights it switches
 
     def start(self, seed):
         """Writes the run's initial hyperparameters, ``log α ~ U(init)``, to the param store."""
@@ -76,6 +80,8 @@ class Setup:
             objective_options={"max_iter": self.inner_max_iter, **(self.objective_options.get(objective) or {}),
                                **({"hessian": self.hessian} if objective == "laplace" else {})},
         )
+        if method == "relaxed":
+            return self._relaxed(iterations, common)
         if method == "random":
             bounds = {name: (math.exp(self.init[0]), math.exp(self.init[1])) for name in self.hyperparameters}
             search = SearchOptions(n_trials=iterations, seed=seed, bounds=bounds)
@@ -95,6 +101,26 @@ class Setup:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return select_hyperparameters(self.model, *self.args, method=method, optimizer=optimizer, lr=lr, tol=0.0, method_options=options, **common)
+
+    def _relaxed(self, iterations, common):
+        """The structure and the precisions by :func:`~pyro_evidence.structure.select_structure` (``ift-cg``
+        hypergradients, its L-BFGS stages, ``iterations`` shared by the temperatures and the hard structure); a
+        feature switched off is returned as an infinite prior precision, the same model."""
+        from ..structure import select_structure
+
+        if not self.gated:
+            raise ValueError(f"the {self.name} experiment's model has no structure gates: method 'relaxed' does not apply")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = select_structure(
+                self.model, *self.args, method="ift-cg", temperatures=RELAXED_STAGES,
+                **{**common, "max_steps": max(1, iterations // (len(RELAXED_STAGES) + 1)), "model_kwargs": {**self.model_kwargs, **self.gated}},
+            )
+        selection = result.selection
+        for gate, name in self.switches.items():
+            on = result.structure[gate].to(torch.bool)
+            selection.hyperparameters[name] = selection.hyperparameters[name].masked_fill(~on, math.inf)
+        return selection
 
     @property
     def deviations(self) -> list:

@@ -23,9 +23,13 @@ class Objective:
     name: str = ""
     newton_max_dim: int = 2000  # the inner solver forms dense Hessians (Newton) up to this many parameters
 
-    def __init__(self, problem: Problem, *, max_iter: int = 500, tol: float | None = None):
+    def __init__(self, problem: Problem, *, max_iter: int = 500, tol: float | None = None, newton_max_dim: int | None = None):
         self.problem = problem
         self.max_iter, self.tol = max_iter, tol
+        if newton_max_dim is not None:
+            if isinstance(newton_max_dim, bool) or not isinstance(newton_max_dim, int) or newton_max_dim < 0:
+                raise ValueError(f"newton_max_dim must be a count ≥ 0 of inner parameters, got {newton_max_dim!r}")
+            self.newton_max_dim = newton_max_dim
 
     @property
     def theta_init(self) -> torch.Tensor:

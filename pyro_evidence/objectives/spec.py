@@ -24,7 +24,8 @@ class ObjectiveSpec:
     """
     An objective and its options, bound to a :class:`~pyro_evidence.problem.Problem` by :meth:`bind`.
     Every objective also takes the inner solver's ``max_iter`` (L-BFGS iterations of each inner
-    solve, 500) and ``tol``.
+    solve, 500), ``tol`` and ``newton_max_dim`` (the most inner parameters for which it forms a dense
+    Hessian and takes Newton steps; L-BFGS alone above: 2000, the ELBO's 100).
     """
 
     objective: type[Objective] = Objective
@@ -47,9 +48,11 @@ class ObjectiveSpec:
     @classmethod
     def accepted(cls) -> set:
         """The option names: the objective's own keywords and the inner solver's (``Objective.__init__``)."""
-        params = inspect.signature(cls.objective.__init__).parameters.values()
-        own = {p.name for p in params if p.kind == p.KEYWORD_ONLY}
-        return own | {"max_iter", "tol"}
+        own, solver = (
+            {p.name for p in inspect.signature(init).parameters.values() if p.kind == p.KEYWORD_ONLY}
+            for init in (cls.objective.__init__, Objective.__init__)
+        )
+        return own | solver
 
     def bind(self, problem: Problem) -> Objective:
         return self.objective(problem, **self.options)

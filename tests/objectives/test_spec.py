@@ -52,6 +52,19 @@ def test_a_value_binds_to_its_objective_class_with_its_options():
     assert repr(pe.Laplace(hessian="kron", jitter=1e-6)) == "Laplace(hessian='kron', jitter=1e-06)"
 
 
+def test_newton_max_dim_chooses_the_inner_solver():
+    X, y = data()  # 4 weights: 8 guide parameters
+    problem = pe.Problem(linear_regression, X, y)
+    newton, lbfgs = (pe.Elbo(newton_max_dim=n, max_iter=2000).bind(problem) for n in (8, 7))
+    a, b = (obj.solve(obj.h_init) for obj in (newton, lbfgs))
+    assert a.newton_steps > 0 and a.lbfgs_iterations == 0 and a.hessian is not None
+    assert b.newton_steps == 0 and b.lbfgs_iterations > 0 and b.hessian is None
+    assert_close(b.theta, a.theta, atol=1e-4)
+    assert "newton_max_dim" in pe.Laplace.accepted() and pe.CV(newton_max_dim=0).options == {"newton_max_dim": 0}
+    with pytest.raises(ValueError, match="newton_max_dim must be a count ≥ 0 of inner parameters, got -1"):
+        pe.Elbo(newton_max_dim=-1).bind(problem)
+
+
 @pytest.mark.parametrize(
     "make, error, match",
     [

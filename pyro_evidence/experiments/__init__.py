@@ -17,7 +17,8 @@ Protocol:
   units and one prior precision per layer.
 - Validation functions: 4-fold CV (seed eq. (1)) and the ELBO of a diagonal Gaussian posterior; on MNIST
   also the Laplace evidence (Kronecker-factored GGN curvature).
-- Methods: random search, greedy, DrMAD, HOAG, ``ift-neumann``, ``ift-cg``, ``rmad``, ``truncated``.
+- Methods: random search, greedy, DrMAD, HOAG, ``ift-neumann``, ``ift-cg``, ``rmad``, ``truncated``; on the
+  synthetic design also ``hypernetwork`` and ``relaxed`` (a structure gate per feature, :func:`~pyro_evidence.select_structure`).
 - Budget: l = 50 hyperparameter iterations (synthetic), 25 (MNIST), random search as many trials;
   initial ``log α ~ U(−2, 10)`` (synthetic), ``U(−4, 10)`` (MNIST); hyper learning rate from
   ``{r·10^s : s ∈ {−6…1}, r ∈ {1, 25, 50, 75}}``, the largest that keeps ``log α`` inside

@@ -16,18 +16,20 @@ the selection must hand them; the selection names none of them.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.distributions import constraints
 from torch.func import grad
 
 from .checkpoint import Best, Progress, Saver, Step
 from .optim import minimize
 
-__all__ = ["NonFinite", "OUTER_LOOPS", "OuterLoop", "SCHEDULES", "ascend", "coordinate_ascent", "hoag", "lbfgs_step",
-           "outer_optimizer"]
+__all__ = ["BOUND", "NonFinite", "OUTER_LOOPS", "OuterLoop", "SCHEDULES", "ascend", "at_bounds", "coordinate_ascent", "hoag",
+           "lbfgs_step", "outer_optimizer", "restart_point"]
 
 
 class NonFinite(Exception):
@@ -166,6 +168,36 @@ def coordinate_ascent(obj, h, progress: Progress, max_steps, tol, start, on_step
     else:
         progress.fixed_point = False
     progress.theta = theta
+
+
+BOUND = math.log(1e6)
+"""``|h_j| > BOUND`` (unconstrained): the constrained value lies within a factor 10⁻⁶ of an edge of its support
+(a precision above 10⁶ or below 10⁻⁶ from a start at 1; a unit-interval value within 10⁻⁶ of 0 or 1)."""
+
+
+def at_bounds(problem, h):
+    """``(h_dim,)`` booleans: the coordinates of ``h`` that ran out towards an edge of their support.
+
+    There ``Q`` is flat in unconstrained ``h`` whether or not the edge is a maximum: the gradient in
+    ``u = log α`` of a precision is ``−γ ∂Q/∂γ`` in ``γ = 1/α``, so at ``α = 10¹³`` it is ``~10⁻¹²`` even where
+    lowering ``α`` would raise ``Q`` (Tipping & Faul 2003: the weight is relevant when ``q² > s``). The
+    derivative in ``γ`` is lost to round-off there, so stationarity at such a point is judged by a restart
+    (:func:`restart_point`), not by the gradient.
+    """
+    at = torch.zeros(problem.h_dim, dtype=torch.bool, device=h.device)
+    for site in problem.hypers:
+        if site.constraint is not constraints.real:  # an identity transform has no edge to run to
+            at[site.slice] = h[site.slice].abs() > BOUND
+    return at
+
+
+def restart_point(problem, h, j):
+    """``h`` with coordinate ``j`` (at a bound) moved back inside: to its start where that lies inside the
+    bound, else to 0 (a precision of 1)."""
+    h = h.detach().clone()
+    start = float(problem.h_init[j])
+    h[j] = start if abs(start) <= BOUND else 0.0
+    return h
 
 
 @dataclass(frozen=True)

@@ -99,8 +99,8 @@ def cholesky(H, jitter: float = 0.0, what: str = "Hessian of the inner loss"):
         raise NotPositiveDefiniteError(
             f"the {what} is not positive definite (Cholesky failed at pivot {int(info.max())} of "
             f"{H.shape[-1]}): either the optimiser did not reach a mode, or the posterior is flat "
-            "in some direction (a prior too weak for an unidentified parameter); pass jitter= "
-            "(e.g. jitter=1e-6) to add jitter·I to the Hessian"
+            "in some direction (a latent that neither the prior nor the data pin down: give it a proper prior, or "
+            "leave it out of the model)"
         )
     return factor
 

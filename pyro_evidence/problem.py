@@ -22,7 +22,7 @@ import contextlib
 import copy
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import pyro
@@ -53,10 +53,32 @@ class _Block:
 
 @dataclass(frozen=True)
 class LatentSite(_Block):
-    """A continuous latent sample site and where it lives in ``θ``."""
+    """A continuous latent sample site and where it lives in ``θ``.
+
+    ``free`` (None: all of them) indexes the coordinates of the site's flat unconstrained value that are in
+    ``θ``; the others are held at ``fill``. They are the elements a mask switches off and nothing else reads
+    (Pyro's ``obs_mask`` makes a latent ``<name>_unobserved`` of the full shape whose observed elements are
+    such): the log joint is flat along them, so they have no Laplace approximation and no place in ``θ``.
+    """
 
     shape: torch.Size  # constrained shape
     unconstrained_shape: torch.Size
+    free: torch.Tensor | None = field(default=None, compare=False)
+    fill: torch.Tensor | None = field(default=None, compare=False)
+
+    def unflatten(self, theta, fill=None):
+        """The site's unconstrained value, ``(…, *unconstrained_shape)``, from flat ``θ`` (the held elements at
+        ``fill``, default their held values)."""
+        u = theta[..., self.slice]
+        if self.free is not None:
+            full = self.fill.to(u.dtype) if fill is None else torch.full_like(self.fill, fill, dtype=u.dtype)
+            u = full.expand(u.shape[:-1] + self.fill.shape).index_copy(-1, self.free, u)
+        return u.reshape(theta.shape[:-1] + self.unconstrained_shape)
+
+    def flatten(self, value):
+        """The site's coordinates in ``θ`` of an unconstrained value of its full shape."""
+        flat = value.reshape(-1)
+        return flat if self.free is None else flat[self.free.to(flat.device)]
 
 
 @dataclass(frozen=True)
@@ -119,7 +141,10 @@ def prepare_data(args: Iterable, dtype=None, device=None):
                 "first dimension N (pass other model arguments in model_kwargs=)"
             )
         if a.is_floating_point() and not torch.isfinite(a).all():
-            raise ValueError(f"positional argument {i} contains NaN or inf")
+            nan = int(torch.isnan(a).sum())
+            hint = (f" ({nan} NaN: for missing observations, write any number in their place and pass the model a mask, "
+                    "pyro.sample(..., obs=y, obs_mask=~missing), whose missing values are then integrated out)") if nan else ""
+            raise ValueError(f"positional argument {i} contains NaN or inf{hint}")
         out.append(a)
     tensors = [a for a in out if a is not None]
     if not tensors:
@@ -248,6 +273,10 @@ class _Substitute(Messenger):
 
     def _pyro_sample(self, msg):
         site = self.latents.get(msg["name"])
+        value = msg["value"]
+        if msg["is_observed"] and isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype != torch.bool:
+            # counts in the data's dtype: Pyro's log_prob would take lgamma(1 + y) of int64 counts in float32
+            msg["value"] = value.to(self.dtype)
         if site is None:
             if _is_latent(msg):
                 raise ValueError(
@@ -255,10 +284,14 @@ class _Substitute(Messenger):
                     "latent sites must not depend on the data or on the latent values"
                 )
             return
-        u = self.theta[..., site.slice].reshape(self.theta.shape[:-1] + site.unconstrained_shape)
+        u = site.unflatten(self.theta)
         transform = biject_to(msg["fn"].support)
         value = transform(u)
-        self.log_jacobian = self.log_jacobian + transform.log_abs_det_jacobian(u, value).sum()
+        log_jacobian = transform.log_abs_det_jacobian(u, value)
+        if site.free is not None:  # the held elements are no coordinates of θ: no Jacobian of theirs
+            kept = torch.zeros(site.fill.shape, dtype=log_jacobian.dtype, device=log_jacobian.device)
+            log_jacobian = log_jacobian * kept.index_fill(0, site.free, 1.0).reshape(site.unconstrained_shape)
+        self.log_jacobian = self.log_jacobian + log_jacobian.sum()
         msg["value"] = value
 
     def _pyro_param(self, msg):
@@ -499,6 +532,7 @@ class Problem:
         self.latent_by_name = {s.name: s for s in self.latents}
         names = _hyperparameter_names(params, hyperparameters, require_hyperparameters)
         self.hypers, self.h_init = _hyper_layout(params, names, self.dtype, self.device)
+        self._drop_flat(trace)
         hint = f"; positional argument {integer[0]} is integer-typed ({self.args[integer[0]].dtype})" if integer else ""
         _check_start(trace, {s.name: params[s.name] for s in self.hypers}, hint)
         self.observed = tuple(
@@ -527,6 +561,50 @@ class Problem:
             ) from e
         _check_trace(trace)
         return trace, integer
+
+    def _drop_flat(self, trace):
+        """Takes out of ``θ`` the elements of latent sites that a mask switches off and nothing else reads
+        (:class:`LatentSite`'s ``free``): the gradient of the log joint along them is exactly 0 at the start and
+        at a second point. Masked elements that something reads stay in ``θ``."""
+        candidates = {}
+        for site in self.latents:
+            node = trace.nodes[site.name]
+            mask, fn = node["mask"], node["fn"]
+            if not isinstance(mask, torch.Tensor) or bool(mask.all()) or site.unconstrained_shape != site.shape:
+                continue
+            if biject_to(fn.support).codomain.event_dim and fn.support is not constraints.real_vector:
+                continue  # a transform that couples elements: no element can be held alone
+            mask = mask.to(self.device).expand(fn.batch_shape)
+            candidates[site.name] = mask.reshape(mask.shape + (1,) * fn.event_dim).expand(site.shape).reshape(-1)
+        if not candidates:
+            return
+        off = torch.zeros_like(self.theta_init, dtype=torch.bool)
+        for name, mask in candidates.items():
+            off[self.latent_by_name[name].slice] = ~mask
+        wiggle = 0.1 * torch.sin(torch.arange(self.theta_dim, dtype=self.dtype, device=self.device) + 1.0)
+        flat = off.clone()
+        for theta in (self.theta_init, self.theta_init + wiggle):
+            theta = theta.detach().requires_grad_(True)
+            g, = torch.autograd.grad(self._log_joint(theta, self.h_init), theta, allow_unused=True)
+            if g is not None:
+                flat &= g == 0
+        if not flat.any():
+            return
+        latents, offset, keep = [], 0, []
+        for site in self.latents:
+            free = (~flat[site.slice]).nonzero().flatten()
+            held = free.numel() < site.numel
+            latents.append(LatentSite(site.name, offset, free.numel(), site.shape, site.unconstrained_shape,
+                                      free if held else None, self.theta_init[site.slice].clone() if held else None))
+            keep.append(self.theta_init[site.slice][free])
+            offset += free.numel()
+        self.latents, self.theta_init = tuple(latents), torch.cat(keep)
+        self.latent_by_name = {s.name: s for s in self.latents}
+
+    @property
+    def held(self) -> dict:
+        """``{site: number of elements held out of θ}`` (:class:`LatentSite`'s ``free``)."""
+        return {s.name: math.prod(s.unconstrained_shape) - s.numel for s in self.latents if s.free is not None}
 
     # --- sizes -------------------------------------------------------------------------------
     @property

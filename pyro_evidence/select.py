@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .ascent import OUTER_LOOPS, NonFinite, ascend
+from .ascent import OUTER_LOOPS, NonFinite, ascend, at_bounds, restart_point
 from .checkpoint import Best, Checkpoint, CheckpointLock, Progress, Saver, Step, check_path
 from .hypergrad import METHODS
 from .hypergrad.implicit import check_validation
@@ -147,8 +147,41 @@ def _gradient(obj, spec, method, optimizer, lr, tol, max_steps, method_options, 
     key = fingerprint(problem, objective=spec.name, method=method, optimizer=optimizer, objective_options=keyed,
                       **getattr(obj, "key", {}))
     saver = Saver(None) if checkpoint is None else Saver(checkpoint.path, checkpoint.every, checkpoint.resume, key, problem)
-    stopped = _run(loop, own, evaluate, obj, optimizer, lr, tol, max_steps, saver, bar)
-    return _selection(evaluate.progress, problem, spec.name, method, tol, stopped)
+    progress, h, budget, queue, restarts = evaluate.progress, obj.h_init, max_steps, [], 0
+    try:
+        while True:
+            stopped = _run(loop, own, evaluate, obj, optimizer, lr, tol, budget, saver, h)
+            if stopped is not None or not _stationary(progress, tol):
+                return _selection(progress, problem, spec.name, method, tol, stopped, verified=False)
+            best = progress.best
+            if not restarts or best.value > reference.value + _negligible(reference.value, problem.dtype):
+                # a new maximum: each of its coordinates at a bound is flat in h whether or not the bound is a
+                # maximum, so each is restarted inside, one at a time, with the others where they are
+                reference, queue = best, at_bounds(problem, best.h).nonzero().flatten().tolist()
+            if not queue:
+                return _selection(progress, problem, spec.name, method, tol, None, verified=True)
+            if restarts == MAX_RESTARTS:
+                warnings.warn(f"{len(queue)} hyperparameter coordinates are still at a bound of their support after "
+                              f"{MAX_RESTARTS} restarts from inside; the selection is not verified as a local maximum "
+                              "(converged=False)", RuntimeWarning, stacklevel=3)
+                return _selection(progress, problem, spec.name, method, tol, None, verified=False)
+            h, restarts = restart_point(problem, reference.h, queue.pop(0)), restarts + 1
+            budget, saver = len(progress.history) + max_steps, dataclasses.replace(saver, resume=False)
+            bar.total += max_steps
+    finally:
+        bar.close()
+
+
+MAX_RESTARTS = 20  # restarts of coordinates at a bound, in one selection
+
+
+def _stationary(progress, tol):
+    return progress.fixed_point if progress.fixed_point is not None else progress.best.grad_norm <= tol
+
+
+def _negligible(value, dtype):
+    """A rise of ``Q`` that round-off can explain: the restart found the same maximum."""
+    return torch.finfo(dtype).eps ** 0.5 * max(1.0, abs(value))
 
 
 # objective options that were keywords of select_hyperparameters, kept out of the run's fingerprint as they were
@@ -209,15 +242,16 @@ def _check_arguments(objective, method, optimizer, lr, max_steps, search, checkp
     return optimizer
 
 
-def _run(loop, own, evaluate, obj, optimizer, lr, tol, max_steps, saver, bar):
-    """Runs the outer loop (``loop``, with its ``own`` options, or the L-BFGS/Adam/SGD ascent); returns why it
-    stopped early (``"interrupted"``, ``"non-finite"``) or None."""
-    progress, h = evaluate.progress, obj.h_init.detach().clone()
+def _run(loop, own, evaluate, obj, optimizer, lr, tol, max_steps, saver, h):
+    """Runs the outer loop (``loop``, with its ``own`` options, or the L-BFGS/Adam/SGD ascent) from ``h`` until
+    ``max_steps`` evaluations are recorded in all; returns why it stopped early (``"interrupted"``,
+    ``"non-finite"``) or None."""
+    progress, h = evaluate.progress, h.detach().clone()
     lock = CheckpointLock(saver.path) if saver.path is not None else contextlib.nullcontext()
     try:
         with lock:
             if loop is not None:
-                loop.run(evaluate, obj, h, progress, max_steps, tol, lr, **own)
+                loop.run(evaluate, obj, h, progress, max_steps - len(progress.history), tol, lr, **own)
             else:
                 ascend(optimizer, evaluate, h.requires_grad_(True), lr, tol, max_steps, progress, saver)
     except KeyboardInterrupt:
@@ -236,20 +270,17 @@ def _run(loop, own, evaluate, obj, optimizer, lr, tol, max_steps, saver, bar):
             stacklevel=3,
         )
         return "non-finite"
-    finally:
-        bar.close()
     return None
 
 
-def _selection(progress, problem, objective, method, tol, stopped):
+def _selection(progress, problem, objective, method, tol, stopped, verified):
     best = progress.best
-    converged = best.grad_norm <= tol if progress.fixed_point is None else progress.fixed_point
     problem.write_params(best.h)
     return Selection(
         hyperparameters={k: v.detach() for k, v in problem.params(best.h).items()},
         objective=best.objective,
         history=progress.history,
-        converged=stopped is None and converged,
+        converged=stopped is None and verified,
         theta=best.theta,
         h=best.h,
         objective_name=objective,

@@ -751,7 +751,7 @@ def _check_positive(x, what):
     if not bool((x > 0).all()):
         raise NotPositiveDefiniteError(
             f"the curvature's {what} has {int((x <= 0).sum())} entries <= 0: a latent with no prior curvature "
-            "and no data (pass jitter=)"
+            "and no data (give it a proper prior, or leave it out; jitter= would change the evidence without bound)"
         )
 
 
@@ -800,7 +800,7 @@ def slq_logdet(matvec, d: int, like, num_probes: int = 30, lanczos_steps: int = 
         ritz, U = torch.linalg.eigh(T)
         if bool((ritz <= 0).any()):
             raise NotPositiveDefiniteError(
-                "stochastic Lanczos quadrature met a Ritz value <= 0: the curvature is not positive definite (pass jitter=)"
+                "stochastic Lanczos quadrature met a Ritz value <= 0: the curvature is not positive definite"
             )
         per_probe = d * (U[:, 0, :] ** 2 * ritz.log()).sum(-1)
         # C⁻¹z ≈ ‖z‖ Q T⁻¹ e₁

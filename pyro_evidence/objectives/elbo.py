@@ -119,7 +119,7 @@ class ElboObjective(Objective):
         names = set()
         for site in self.problem.latents:
             fn = trace.nodes[site.name]["fn"]
-            if not _is_real(fn.support):
+            if not _is_real(fn.support) or site.free is not None:  # a closed-form KL would count held elements
                 continue
             q = dist.Normal(torch.zeros(site.shape, dtype=self.problem.dtype, device=self.problem.device), 1.0)
             q = q.to_event(fn.event_dim) if fn.event_dim else q
@@ -237,19 +237,20 @@ def _setup_guide(guide, problem: Problem):
 
 
 def _set_guide(guide, problem: Problem, loc, scale):
-    """Writes flat ``loc``, ``scale`` (problem layout) into a guide, building its prototype."""
+    """Writes flat ``loc``, ``scale`` (problem layout) into a guide, building its prototype. The elements held out
+    of ``θ`` (:class:`~pyro_evidence.problem.LatentSite`'s ``free``) get their held value and a scale of 1: nothing
+    reads them."""
     _setup_guide(guide, problem)
     with torch.no_grad():
+        locs = {s.name: s.unflatten(loc.detach()) for s in problem.latents}
+        scales = {s.name: s.unflatten(scale.detach(), fill=1.0) for s in problem.latents}
         if isinstance(guide, AutoDiagonalNormal):
-            guide.loc = torch.nn.Parameter(loc.detach().clone())
-            guide.scale = pyro.nn.PyroParam(scale.detach().clone(), guide.scale_constraint)
+            guide.loc = torch.nn.Parameter(torch.cat([v.reshape(-1) for v in locs.values()]))
+            guide.scale = pyro.nn.PyroParam(torch.cat([v.reshape(-1) for v in scales.values()]), guide.scale_constraint)
         else:
             for s in problem.latents:
-                shape = s.unconstrained_shape
-                deep_setattr(guide.locs, s.name, torch.nn.Parameter(loc[s.slice].reshape(shape).clone()))
-                deep_setattr(
-                    guide.scales, s.name, pyro.nn.PyroParam(scale[s.slice].reshape(shape).clone(), guide.scale_constraint)
-                )
+                deep_setattr(guide.locs, s.name, torch.nn.Parameter(locs[s.name].clone()))
+                deep_setattr(guide.scales, s.name, pyro.nn.PyroParam(scales[s.name].clone(), guide.scale_constraint))
     return guide
 
 
@@ -258,8 +259,8 @@ def _theta_from_guide(guide, problem: Problem):
     missing = [s.name for s in problem.latents if s.name not in ls]
     if missing:
         raise ValueError(f"the guide has no parameters for latent site {missing[0]!r}")
-    loc = torch.cat([ls[s.name][0].reshape(-1) for s in problem.latents])
-    scale = torch.cat([ls[s.name][1].reshape(-1) for s in problem.latents])
+    loc = torch.cat([s.flatten(ls[s.name][0]) for s in problem.latents])
+    scale = torch.cat([s.flatten(ls[s.name][1]) for s in problem.latents])
     kw = {"dtype": problem.dtype, "device": problem.device}
     return torch.cat([loc.to(**kw), softplus_inv(scale.to(**kw))])
 

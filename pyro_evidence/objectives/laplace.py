@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import pyro.distributions as dist
 import torch
 
-from ..linalg import cholesky, hessian_and_value, value_grad_hessian
+from ..linalg import NotPositiveDefiniteError, cholesky, hessian_and_value, value_grad_hessian
 from ..problem import Problem
 from .base import Objective
 from .curvature import Curvature, LaplaceCurvature
@@ -116,6 +116,8 @@ class LaplaceEvidence:
     :ivar grad_norm: ``‖∇_θ L‖`` at the returned mode.
     :ivar theta: the mode in flat unconstrained coordinates.
     :ivar jitter: what was added to the diagonal of ``H``.
+    :ivar jitter_effect: how much that changed ``log_evidence`` (``−½ Σ log(1 + jitter/λᵢ)`` over the eigenvalues
+        of ``H``; ``−inf`` where ``H`` was not positive definite, so that the jitter made the value).
     :ivar curvature: the :class:`~pyro_evidence.objectives.curvature.Curvature` (structure, factors, draws).
     :ivar log_evidence_se: the standard error of ``log_evidence`` (``logdet="slq"``; 0 otherwise).
     """
@@ -131,6 +133,7 @@ class LaplaceEvidence:
     problem: Problem | None = field(default=None, repr=False)
     curvature: Curvature | None = field(default=None, repr=False)
     log_evidence_se: float = 0.0
+    jitter_effect: float = 0.0
 
     @property
     def value(self) -> torch.Tensor:
@@ -183,7 +186,8 @@ def laplace_evidence(
         device and dtype.
     :param dict model_kwargs: keyword arguments for the model.
     :param theta_init: flat unconstrained warm start (e.g. a previous result's ``theta``).
-    :param float jitter: add ``jitter·I`` to ``H`` when it is not positive definite.
+    :param float jitter: add ``jitter·I`` to ``H``; it changes the evidence, by ``jitter_effect`` (reported, with a
+        warning), and by an unbounded amount along a flat direction: never a fix for a latent nothing pins down.
     :param int max_iter: L-BFGS iterations at most.
     :param float tol: relative gradient-norm tolerance of the inner optimiser.
     :param str hessian: the curvature ``C``: ``"exact"`` (the dense Hessian, any size memory allows), ``"ggn"``
@@ -220,19 +224,27 @@ def _laplace_at(objective, h, theta_init) -> LaplaceEvidence:
         )
     theta = m.theta
     curv = objective.curvature
+    jitter_effect = 0.0
     if curv.structure == "exact" and curv.logdet == "dense":
         H = m.hessian
         if H is None:  # the inner solver works without a dense Hessian above newton_max_dim
             _, _, H = value_grad_hessian(lambda t: problem.loss(t, h), theta)
         if jitter:
+            jitter_effect = _jitter_effect(H, jitter)
             H = H + jitter * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-        log_det = 2 * cholesky(H).diagonal().log().sum()
+        try:
+            log_det = 2 * cholesky(H).diagonal().log().sum()
+        except NotPositiveDefiniteError as e:
+            raise NotPositiveDefiniteError(f"{e}; {_where_singular(problem, H)}") from None
         curvature = Curvature("exact", log_det, dense=H, source=curv, theta=theta, h=h)
     else:
         with torch.no_grad():
             curvature = curv.curvature(theta, h)
     d = theta.numel()
     log_evidence = -m.loss + 0.5 * d * _LOG_2PI - 0.5 * curvature.log_det
+    if jitter:
+        warnings.warn(f"jitter={jitter:g} added to the Hessian changed the log evidence by {jitter_effect:.4g} nats "
+                      "(result.jitter_effect)", RuntimeWarning, stacklevel=3)
     return LaplaceEvidence(
         log_evidence=log_evidence.detach(),
         map={k: v.detach() for k, v in problem.latent_values(theta, h).items()},
@@ -245,7 +257,32 @@ def _laplace_at(objective, h, theta_init) -> LaplaceEvidence:
         problem=problem,
         curvature=curvature,
         log_evidence_se=0.5 * curvature.log_det_se,
+        jitter_effect=jitter_effect,
     )
+
+
+def _jitter_effect(H, jitter):
+    """What ``jitter·I`` does to the log evidence, ``−½ Σ log((λᵢ + jitter)/λᵢ)`` over the eigenvalues of ``H``:
+    ``−inf`` where ``H`` has an eigenvalue ``≤ 0`` (no evidence without the jitter: it made the value)."""
+    lam = torch.linalg.eigvalsh(H.detach())
+    if bool((lam <= 0).any()):
+        return -math.inf
+    return float(-0.5 * torch.log1p(jitter / lam).sum())
+
+
+def _where_singular(problem, H, top=3):
+    """The latent sites along which ``H`` is not positive definite, named for the error message."""
+    lam, vec = torch.linalg.eigh(H.detach())
+    bad = lam <= lam.abs().max() * torch.finfo(H.dtype).eps * H.shape[-1]
+    if not bool(bad.any()):
+        return "no direction stands out"
+    weight = (vec[:, bad] ** 2).sum(-1)
+    sites = sorted(problem.latents, key=lambda s: -float(weight[s.slice].sum()))[:top]
+    named = ", ".join(f"{s.name!r}" for s in sites if float(weight[s.slice].sum()) > 0.01 * float(weight.sum()))
+    flat = bool((lam[bad].abs() <= lam.abs().max() * 1e-10).all())
+    why = "flat: the log joint does not change along it" if flat else "of negative curvature: not a mode"
+    return (f"{int(bad.sum())} direction(s) {why}, carried by latent site(s) {named}; jitter= would not fix it: "
+            "along a flat direction it makes the evidence finite by an amount that grows without bound as jitter → 0")
 
 
 def laplace_hypergradient(

@@ -116,14 +116,24 @@ def flat_model(y):
         pyro.sample("y", dist.Normal(w[0], noise), obs=y)  # nothing identifies w[1]
 
 
-def test_singular_hessian_is_a_clear_error_and_jitter_repairs_it():
+def test_singular_hessian_names_the_flat_site_and_jitter_reports_that_it_made_the_value():
     y = torch.randn(10, dtype=torch.float64)
-    with pytest.raises(NotPositiveDefiniteError, match="not positive definite.*jitter="):
+    with pytest.raises(NotPositiveDefiniteError, match="1 direction.* flat.*latent site.*'w'.*jitter= would not fix it"):
         laplace_evidence(flat_model, y)
-    r = laplace_evidence(flat_model, y, jitter=1e-6)
-    assert r.jitter == 1e-6
+    with pytest.warns(RuntimeWarning, match="jitter=1e-06 added to the Hessian changed the log evidence by -inf"):
+        r = laplace_evidence(flat_model, y, jitter=1e-6)
+    assert r.jitter == 1e-6 and r.jitter_effect == -math.inf
     assert torch.isfinite(r.log_evidence)
     assert_close(torch.linalg.eigvalsh(r.hessian).min(), 1e-6, rtol=1e-6)
+
+
+def test_jitter_effect_is_the_change_of_the_log_evidence():
+    X, y = diabetes()
+    exact = laplace_evidence(linear_regression, X, y)
+    with pytest.warns(RuntimeWarning, match="changed the log evidence"):
+        r = laplace_evidence(linear_regression, X, y, jitter=1e-3)
+    assert r.jitter_effect < 0
+    assert_close(r.log_evidence - exact.log_evidence, r.jitter_effect, rtol=1e-8)
 
 
 def test_negative_jitter_is_refused():

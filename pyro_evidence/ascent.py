@@ -90,7 +90,7 @@ def ascend(optimizer, evaluate, h, lr, tol, max_steps, progress: Progress, saver
         h.grad = -hg.grad
         return -hg.value.detach()
 
-    lbfgs = optimizer == "lbfgs"
+    lbfgs, fresh = optimizer == "lbfgs", False
     while len(progress.history) < max_steps:
         before = h.detach().clone()
         if lbfgs:
@@ -105,7 +105,12 @@ def ascend(optimizer, evaluate, h, lr, tol, max_steps, progress: Progress, saver
         if not lbfgs:
             outer.step()
         elif torch.equal(before, h.detach()):
-            break  # L-BFGS stalled
+            if fresh:
+                break  # L-BFGS stalled twice in a row: the line search finds no rise of Q along its direction
+            # a curvature history gathered far away can point the line search nowhere: forget it once
+            outer, fresh = outer_optimizer(optimizer, h, lr, tol), True
+        else:
+            fresh = False
     saver.save(h, outer, progress, done, final=True)
 
 

@@ -58,8 +58,16 @@ class Progress:
     fixed_point: bool | None = None  # set by a loop that judges convergence by its fixed point (Graves')
 
     def record(self, step: Step, best: Best):
+        """Appends ``step``; ``best`` replaces the best point where its ``Q`` is higher by more than round-off, or
+        equal to round-off and more nearly stationary (a line search's last trials can rise by 10⁻¹² past the
+        stationary point they started from)."""
         self.history.append(step)
-        if self.best is None or best.value >= self.best.value:
+        if self.best is None:
+            self.best = best
+            return
+        noise = 100 * torch.finfo(best.objective.dtype).eps * max(1.0, abs(self.best.value))
+        if best.value > self.best.value + noise or (best.value >= self.best.value - noise
+                                                    and best.grad_norm < self.best.grad_norm):
             self.best = best
 
 

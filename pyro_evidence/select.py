@@ -152,6 +152,8 @@ def _gradient(obj, spec, method, optimizer, lr, tol, max_steps, method_options, 
         while True:
             stopped = _run(loop, own, evaluate, obj, optimizer, lr, tol, budget, saver, h)
             if stopped is not None or not _stationary(progress, tol):
+                if stopped is None:
+                    _warn_unconverged(progress, problem.dtype, tol)
                 return _selection(progress, problem, spec.name, method, tol, stopped, verified=False)
             best = progress.best
             if not restarts or best.value > reference.value + _negligible(reference.value, problem.dtype):
@@ -170,6 +172,18 @@ def _gradient(obj, spec, method, optimizer, lr, tol, max_steps, method_options, 
             bar.total += max_steps
     finally:
         bar.close()
+
+
+def _warn_unconverged(progress, dtype, tol):
+    """An unconverged selection says so (max_steps spent, or a line search that found no rise of ``Q``)."""
+    best, n = progress.best, len(progress.history)
+    if progress.fixed_point is not None:
+        message = f"the selection ended after {n} evaluations before its fixed point"
+    else:
+        message = f"the selection ended after {n} evaluations with max |dQ/dh| = {best.grad_norm:.3g} > tol = {tol:.3g}"
+    hint = " (in float32, round-off in Q can hide its rise: pass float64 data)" if dtype == torch.float32 else ""
+    warnings.warn(f"{message}: converged=False; returning the best point evaluated (Q = {best.value:.6g}){hint}",
+                  RuntimeWarning, stacklevel=4)
 
 
 MAX_RESTARTS = 20  # restarts of coordinates at a bound, in one selection
@@ -314,8 +328,8 @@ class _Evaluator:
         try:
             hg, theta = self._hypergradient(h.detach(), {**self.options, **extra})
         except (FloatingPointError, NotPositiveDefiniteError) as e:
-            if self.progress.best is None:  # nothing good to fall back on: the error speaks for itself
-                raise
+            if self.progress.best is None:  # nothing good to fall back on
+                raise type(e)(f"at the initial hyperparameters, before any point to fall back on: {e}") from e
             raise NonFinite(len(self.progress.history) + 1, str(e)) from e
         value, gmax = float(hg.value), float(hg.grad.abs().max()) if hg.grad.numel() else 0.0
         if not (math.isfinite(value) and math.isfinite(gmax)):

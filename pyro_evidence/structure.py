@@ -176,8 +176,9 @@ class StructureSelection:
     :ivar probabilities: ``{name: σ(ℓ) or softmax ℓ}``, the structure prior ``p(Γ | h)`` selected.
     :ivar stages: ``[(τ, Selection)]`` of the relaxed objective at each temperature (its ``objective`` is the
         sum over the particles).
-    :ivar undecided: ``[(name, index, ΔQ)]``: the gates the relaxation left undecided, in the order they were
-        settled, and what flipping each changed the exact objective by (kept flipped where ``ΔQ > 0``).
+    :ivar undecided: ``[(name, index, ΔQ)]``: what the relaxation left undecided, in the order it was settled — a
+        gate's switch ``index`` flipped, or a choice's alternative ``index`` taken — and what that changed the exact
+        objective by, against the best structure found until then (kept where ``ΔQ > 0``).
     """
 
     structure: dict
@@ -240,31 +241,55 @@ def select_structure(model, *args, objective="laplace", method: str = "ift-exact
 
 
 def _settle(names, exact, undecided=UNDECIDED):
-    """``(selection, settled)``: the exact selection of the hard structure, after settling the gates the relaxation left undecided
-    (``|σ(ℓ) − ½| < undecided``; a gate whose noise draws all saturate at a low temperature has no gradient
-    left): each, least decided first, is flipped and kept flipped where the exact objective rises."""
+    """``(selection, settled)``: the exact selection of the hard structure, after settling what the relaxation
+    left undecided: a gate with ``|σ(ℓ) − ½| < undecided`` (one whose noise draws all saturate at a low
+    temperature has no gradient left) is flipped, least decided first, and kept flipped where the exact objective
+    rises; a choice whose most probable alternative has probability below ``½ + undecided`` has each of its other
+    alternatives (the ``MAX_ALTERNATIVES`` most probable) evaluated exactly, and keeps the best. ``settled`` lists
+    ``(name, index, ΔQ)`` for every switch or alternative tried."""
     best = exact()
+    store = pyro.get_param_store()
     doubtful = [(float(pyro.param(LOGITS.format(n)).detach().reshape(-1)[i].abs()), n, i)
                 for n, switch in names.items() if switch is _GATE
                 for i, p in enumerate(torch.sigmoid(pyro.param(LOGITS.format(n)).detach()).reshape(-1).tolist())
                 if abs(p - 0.5) < undecided]
     settled = []
     for _, name, i in sorted(doubtful):
-        store = pyro.get_param_store()
-        logits = pyro.param(LOGITS.format(name)).detach()
-        flipped = logits.clone().reshape(-1)
+        flipped = pyro.param(LOGITS.format(name)).detach().clone().reshape(-1)  # with the flips kept so far
         flipped[i] = -flipped[i] if flipped[i] != 0 else -1.0
-        before = {k: v.detach().clone() for k, v in store.items()}
-        _write(store, LOGITS.format(name), flipped.reshape(logits.shape))
-        other = exact()
-        kept = float(other.objective) > float(best.objective)
-        settled.append((name, i, float(other.objective - best.objective)))
-        if kept:
-            best = other
-        else:
-            for k, v in before.items():
-                _write(store, k, v)
+        best = _try(store, name, i, flipped, exact, best, settled)
+    for name, switch in names.items():
+        if switch is _GATE:
+            continue
+        logits = pyro.param(LOGITS.format(name)).detach().clone()
+        p = torch.softmax(logits, -1)
+        if float(p.max()) >= 0.5 + undecided:
+            continue
+        chosen = int(logits.argmax())
+        for a in p.argsort(descending=True)[:MAX_ALTERNATIVES].tolist():
+            if a != chosen:  # ``a`` made the most probable alternative by the least change of its logit
+                moved = logits.clone()
+                moved[a] = logits.max() + 1.0
+                best = _try(store, name, a, moved, exact, best, settled)
     return best, settled
+
+
+MAX_ALTERNATIVES = 16  # alternatives of an undecided choice evaluated exactly
+
+
+def _try(store, name, index, logits, exact, best, settled):
+    """The exact selection with ``name``'s logits replaced by ``logits``: kept (and returned) where its objective
+    beats ``best``'s, else the param store is restored; ``(name, index, ΔQ)`` is appended to ``settled``."""
+    before = {k: v.detach().clone() for k, v in store.items()}
+    shape = pyro.param(LOGITS.format(name)).shape
+    _write(store, LOGITS.format(name), logits.reshape(shape))
+    other = exact()
+    settled.append((name, index, float(other.objective - best.objective)))
+    if float(other.objective) > float(best.objective):
+        return other
+    for k, v in before.items():
+        _write(store, k, v)
+    return best
 
 
 def _write(store, name, value):

@@ -29,7 +29,7 @@ from .checkpoint import Best, Progress, Saver, Step
 from .optim import minimize
 
 __all__ = ["BOUND", "NonFinite", "OUTER_LOOPS", "OuterLoop", "SCHEDULES", "ascend", "at_bounds", "coordinate_ascent", "hoag",
-           "lbfgs_step", "outer_optimizer", "restart_point"]
+           "lbfgs_step", "outer_optimizer", "probe_points"]
 
 
 class NonFinite(Exception):
@@ -186,8 +186,8 @@ def at_bounds(problem, h):
     There ``Q`` is flat in unconstrained ``h`` whether or not the edge is a maximum: the gradient in
     ``u = log α`` of a precision is ``−γ ∂Q/∂γ`` in ``γ = 1/α``, so at ``α = 10¹³`` it is ``~10⁻¹²`` even where
     lowering ``α`` would raise ``Q`` (Tipping & Faul 2003: the weight is relevant when ``q² > s``). The
-    derivative in ``γ`` is lost to round-off there, so stationarity at such a point is judged by a restart
-    (:func:`restart_point`), not by the gradient.
+    derivative in ``γ`` is lost to round-off there, so stationarity at such a point is judged by probes along the
+    coordinate (:func:`probe_points`), not by the gradient.
     """
     at = torch.zeros(problem.h_dim, dtype=torch.bool, device=h.device)
     for site in problem.hypers:
@@ -196,13 +196,16 @@ def at_bounds(problem, h):
     return at
 
 
-def restart_point(problem, h, j):
-    """``h`` with coordinate ``j`` (at a bound) moved back inside: to its start where that lies inside the
-    bound, else to 0 (a precision of 1)."""
-    h = h.detach().clone()
+def probe_points(problem, h, j, step=2.0):
+    """Unconstrained values of coordinate ``j`` (at a bound) at which to look for a higher ``Q``: from its start
+    (0, a precision of 1, where the start is itself beyond the bound) towards the bound it ran to, ``step`` apart
+    (a factor ``e²`` in a positive value), inside the bound."""
     start = float(problem.h_init[j])
-    h[j] = start if abs(start) <= BOUND else 0.0
-    return h
+    u, sign, points = (start if abs(start) <= BOUND else 0.0), (1.0 if float(h[j]) > 0 else -1.0), []
+    while abs(u) <= BOUND:
+        points.append(u)
+        u += sign * step
+    return points
 
 
 @dataclass(frozen=True)

@@ -574,7 +574,10 @@ class Problem:
                 continue
             if biject_to(fn.support).codomain.event_dim and fn.support is not constraints.real_vector:
                 continue  # a transform that couples elements: no element can be held alone
-            mask = mask.to(self.device).expand(fn.batch_shape)
+            try:  # a mask broader than the batch shape (a whole event masked per element) holds nothing apart
+                mask = mask.to(self.device).expand(fn.batch_shape)
+            except RuntimeError:
+                continue
             candidates[site.name] = mask.reshape(mask.shape + (1,) * fn.event_dim).expand(site.shape).reshape(-1)
         if not candidates:
             return

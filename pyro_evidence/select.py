@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .ascent import OUTER_LOOPS, NonFinite, ascend, at_bounds, restart_point
+from .ascent import OUTER_LOOPS, NonFinite, ascend, at_bounds, probe_points
 from .checkpoint import Best, Checkpoint, CheckpointLock, Progress, Saver, Step, check_path
 from .hypergrad import METHODS
 from .hypergrad.implicit import check_validation
@@ -147,7 +147,7 @@ def _gradient(obj, spec, method, optimizer, lr, tol, max_steps, method_options, 
     key = fingerprint(problem, objective=spec.name, method=method, optimizer=optimizer, objective_options=keyed,
                       **getattr(obj, "key", {}))
     saver = Saver(None) if checkpoint is None else Saver(checkpoint.path, checkpoint.every, checkpoint.resume, key, problem)
-    progress, h, budget, queue, restarts = evaluate.progress, obj.h_init, max_steps, [], 0
+    progress, h, budget, restarts = evaluate.progress, obj.h_init, max_steps, 0
     try:
         while True:
             stopped = _run(loop, own, evaluate, obj, optimizer, lr, tol, budget, saver, h)
@@ -155,23 +155,65 @@ def _gradient(obj, spec, method, optimizer, lr, tol, max_steps, method_options, 
                 if stopped is None:
                     _warn_unconverged(progress, problem.dtype, tol)
                 return _selection(progress, problem, spec.name, method, tol, stopped, verified=False)
-            best = progress.best
-            if not restarts or best.value > reference.value + _negligible(reference.value, problem.dtype):
-                # a new maximum: each of its coordinates at a bound is flat in h whether or not the bound is a
-                # maximum, so each is restarted inside, one at a time, with the others where they are
-                reference, queue = best, at_bounds(problem, best.h).nonzero().flatten().tolist()
-            if not queue:
-                return _selection(progress, problem, spec.name, method, tol, None, verified=True)
-            if restarts == MAX_RESTARTS:
-                warnings.warn(f"{len(queue)} hyperparameter coordinates are still at a bound of their support after "
-                              f"{MAX_RESTARTS} restarts from inside; the selection is not verified as a local maximum "
-                              "(converged=False)", RuntimeWarning, stacklevel=3)
-                return _selection(progress, problem, spec.name, method, tol, None, verified=False)
-            h, restarts = restart_point(problem, reference.h, queue.pop(0)), restarts + 1
-            budget, saver = len(progress.history) + max_steps, dataclasses.replace(saver, resume=False)
+            h, verified = _rise_from_bounds(obj, progress.best, max_steps)
+            if h is None or restarts == MAX_RESTARTS:
+                if h is not None or not verified:
+                    warnings.warn("hyperparameters at a bound of their support could not be verified as a maximum within "
+                                  f"{max_steps} probes and {MAX_RESTARTS} restarts: converged=False", RuntimeWarning,
+                                  stacklevel=3)
+                return _selection(progress, problem, spec.name, method, tol, None, verified=verified and h is None)
+            restarts, budget = restarts + 1, len(progress.history) + max_steps
+            saver = dataclasses.replace(saver, resume=False)
             bar.total += max_steps
     finally:
         bar.close()
+
+
+MAX_RESTARTS = 10  # ascents restarted from a probe that rose above a maximum with coordinates at a bound
+
+
+def _rise_from_bounds(obj, best, max_probes):
+    """``(h, verified)``: a point above ``best`` found along a coordinate that ran to a bound of its support, or
+    None where no such coordinate, or none of at most ``max_probes`` probes, rises above it (``verified`` is False
+    where the probes ran out first).
+
+    Such a coordinate is flat in ``h`` whether or not its bound is a maximum (:func:`~pyro_evidence.ascent.at_bounds`),
+    so each is probed alone, the others kept: ``Q(θ*(h), h)`` at points from its start towards its bound
+    (:func:`~pyro_evidence.ascent.probe_points`), each by a fresh inner solve warm-started from ``best``'s ``θ``.
+    """
+    problem = obj.problem
+    at = at_bounds(problem, best.h).nonzero().flatten().tolist()
+    if not at:
+        return None, True
+
+    def value(h):
+        m = obj.solve(h, best.theta)
+        return float(obj.validation(m.theta, h))
+
+    reference, probes = value(best.h), 0
+    margin = _negligible(reference, problem.dtype)
+    for j in at:
+        for u in probe_points(problem, best.h, j):
+            if probes == max_probes:
+                return None, False
+            probes += 1
+            h = best.h.detach().clone()
+            h[j] = u
+            try:
+                if value(h) > reference + margin:
+                    return h, True
+            except (FloatingPointError, NotPositiveDefiniteError):
+                continue
+    return None, True
+
+
+def _stationary(progress, tol):
+    return progress.fixed_point if progress.fixed_point is not None else progress.best.grad_norm <= tol
+
+
+def _negligible(value, dtype):
+    """A rise of ``Q`` that round-off can explain."""
+    return torch.finfo(dtype).eps ** 0.5 * max(1.0, abs(value))
 
 
 def _warn_unconverged(progress, dtype, tol):
@@ -184,18 +226,6 @@ def _warn_unconverged(progress, dtype, tol):
     hint = " (in float32, round-off in Q can hide its rise: pass float64 data)" if dtype == torch.float32 else ""
     warnings.warn(f"{message}: converged=False; returning the best point evaluated (Q = {best.value:.6g}){hint}",
                   RuntimeWarning, stacklevel=4)
-
-
-MAX_RESTARTS = 20  # restarts of coordinates at a bound, in one selection
-
-
-def _stationary(progress, tol):
-    return progress.fixed_point if progress.fixed_point is not None else progress.best.grad_norm <= tol
-
-
-def _negligible(value, dtype):
-    """A rise of ``Q`` that round-off can explain: the restart found the same maximum."""
-    return torch.finfo(dtype).eps ** 0.5 * max(1.0, abs(value))
 
 
 # objective options that were keywords of select_hyperparameters, kept out of the run's fingerprint as they were

@@ -354,3 +354,11 @@ def test_constants_written_as_python_numbers_follow_the_data_dtype():
     assert value.dtype == torch.float64
     assert_close(value, expected.squeeze(), rtol=1e-15)
     assert torch.get_default_dtype() == torch.float32  # the caller's default, restored
+
+
+def test_a_nan_in_the_data_suggests_a_mask():
+    X, y = diabetes()
+    y = y.clone()
+    y[3] = float("nan")
+    with pytest.raises(ValueError, match=r"positional argument 1 contains NaN or inf \(1 NaN: .*obs_mask="):
+        Problem(linear_regression, X, y)

@@ -154,3 +154,52 @@ def test_gates_outside_a_block_and_bad_structure_input():
     with pytest.raises(ValueError, match="num_particles"):
         select_structure(gated_regression, X, y, num_particles=0, progress=False)
     assert_close(gate("g", 2), torch.sigmoid(torch.ones(2)))  # every block restored what was there
+
+
+DEGREES = (1, 3, 5)
+
+
+def degree_choice(x, y=None):
+    c = choice("degree", len(DEGREES))
+    alpha = pyro.param("prior_precision", torch.tensor(1.0), constraint=constraints.positive)
+    beta = pyro.param("noise_precision", torch.tensor(1.0), constraint=constraints.positive)
+    mean = 0.0
+    for k, degree in enumerate(DEGREES):
+        w = pyro.sample(f"w{degree}", dist.Normal(0.0, alpha.rsqrt()).expand([degree + 1]).to_event(1))
+        mean = mean + c[k] * (x.unsqueeze(-1) ** torch.arange(degree + 1, dtype=x.dtype) @ w)
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(mean, beta.rsqrt()), obs=y)
+
+
+def test_an_undecided_choice_is_settled_by_the_exact_objective_of_its_alternatives():
+    import warnings
+
+    from sklearn.linear_model import BayesianRidge
+
+    from pyro_evidence.datasets import sin_data
+    from pyro_evidence.structure import LOGITS, _settle, _switches, _write
+
+    x, y = sin_data(30)
+    names = _switches(degree_choice, (x, y), None)
+    # the relaxation left it undecided, leaning to the worst alternative (before: argmax read out, undecided == [])
+    _write(pyro.get_param_store(), LOGITS.format("degree"), torch.tensor([0.3, 0.0, -0.2], dtype=torch.float64))
+
+    def exact():
+        with hard():
+            return select_hyperparameters(degree_choice, x, y, hyperparameters=["prior_precision", "noise_precision"],
+                                          progress=False)
+
+    best, settled = _settle(names, exact)
+    evidence = []  # independent: each degree's type-II maximum (the unused alternatives' weights integrate to 1)
+    for degree in DEGREES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            br = BayesianRidge(fit_intercept=False, alpha_1=0.0, alpha_2=0.0, lambda_1=0.0, lambda_2=0.0, tol=1e-12,
+                               max_iter=100_000, compute_score=True)
+            evidence.append(br.fit((x.unsqueeze(-1) ** torch.arange(degree + 1)).numpy(), y.numpy()).scores_[-1])
+    winner = max(range(len(DEGREES)), key=lambda k: evidence[k])
+    assert winner != 0
+    assert int(pyro.param(LOGITS.format("degree")).argmax()) == winner
+    assert_close(best.objective, evidence[winner], rtol=1e-6)
+    assert [(name, index) for name, index, _ in settled] == [("degree", 1), ("degree", 2)]
+    assert_close(settled[0][2], evidence[1] - evidence[0], rtol=1e-5)

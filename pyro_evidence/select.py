@@ -50,7 +50,8 @@ class Selection:
     :ivar converged: whether ``max |dQ/dh| ≤ tol`` was measured at the selection (for a
         black-box search, by one ``ift-cg`` hypergradient at its best trial, up to 2,000 inner
         parameters; for ``graves``,
-        whether the coordinate ascent reached its fixed point); False after an interruption.
+        whether the coordinate ascent reached its fixed point) and, for a coordinate that ran to a bound of its
+        support, no probe along it from inside rose above the selection; False after an interruption.
     :ivar theta: the inner solution ``θ*(h)`` at the selection (flat, unconstrained).
     :ivar h: the selection in flat unconstrained coordinates.
     :ivar grad_norm: ``max |dQ/dh|`` at the selection (NaN where it could not be computed).

@@ -572,8 +572,8 @@ class Problem:
             mask, fn = node["mask"], node["fn"]
             if not isinstance(mask, torch.Tensor) or bool(mask.all()) or site.unconstrained_shape != site.shape:
                 continue
-            if biject_to(fn.support).codomain.event_dim and fn.support is not constraints.real_vector:
-                continue  # a transform that couples elements: no element can be held alone
+            if biject_to(fn.support).codomain.event_dim:
+                continue  # a transform of whole events: its Jacobian cannot be split by element
             try:  # a mask broader than the batch shape (a whole event masked per element) holds nothing apart
                 mask = mask.to(self.device).expand(fn.batch_shape)
             except RuntimeError:

@@ -10,7 +10,7 @@ and — for a selection — call ``converged`` only a point where the closed for
 a quasi-Newton ascent of the closed form finds nothing higher; or raise a clear error.
 
 The suite runs a fixed, derandomised budget; ``PYRO_EVIDENCE_FUZZ=long`` runs 10,000 cases of the evidence and
-300 of the selection (benchmarks/results/fuzz.md has the command and what it found).
+1,000 of the selection (benchmarks/results/fuzz.md has the command and what it found).
 """
 
 import math
@@ -38,7 +38,7 @@ LONG = os.environ.get("PYRO_EVIDENCE_FUZZ") == "long"
 _COMMON = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck), derandomize=not LONG,
                print_blob=True)
 EVIDENCE = settings(max_examples=10_000 if LONG else 60, **_COMMON)
-OPTIMUM = settings(max_examples=300 if LONG else 8, **_COMMON)
+OPTIMUM = settings(max_examples=1_000 if LONG else 8, **_COMMON)
 CLEAR_ERRORS = (ValueError, TypeError, FloatingPointError, NotPositiveDefiniteError)
 
 

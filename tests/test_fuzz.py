@@ -177,7 +177,7 @@ def closed_form_optimum(case, start):
     def negative(z):
         z = torch.as_tensor(z, dtype=torch.float64).requires_grad_(True)
         value = -closed_form(case, z[:k], z[k:])
-        return float(value), torch.autograd.grad(value, z)[0].numpy()
+        return float(value.detach()), torch.autograd.grad(value, z)[0].numpy()
 
     r = scipy.optimize.minimize(negative, start.numpy(), jac=True, method="L-BFGS-B", options={"maxiter": 500})
     return -float(r.fun)

@@ -23,6 +23,7 @@ from .checkpoint import Checkpoint
 from .search import SearchOptions
 from .select import Selection, Step, select_hyperparameters
 from .structure import StructureSelection, choice, gate, select_structure
+from .online import OnlineSelection, train_with_evidence
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,8 @@ __all__ = [
     "Selection",
     "Step",
     "StructureSelection",
+    "OnlineSelection",
+    "train_with_evidence",
     "choice",
     "gate",
     "select_structure",

@@ -490,6 +490,28 @@ def _hyper_layout(params, names, dtype, device):
     return tuple(hypers), h
 
 
+def _module_values(module, sites):
+    """``{site: parameter}`` of a module's parameters, each matched to the latent site whose name is the
+    parameter's or ends in ``"." + `` its name."""
+    params = dict(module.named_parameters())
+    out = {}
+    for site in sites:
+        match = [k for k in params if site == k or site.endswith("." + k)]
+        if len(match) > 1:
+            match = [k for k in match if k == site] or match
+        if len(match) != 1:
+            raise ValueError(f"at= is a {type(module).__name__} whose parameters {sorted(params)} give latent site "
+                             f"{site!r} {'no value' if not match else f'several: {match}'}")
+        out[site] = match[0]
+    used = list(out.values())
+    twice, unused = sorted({k for k in used if used.count(k) > 1}), sorted(set(params) - set(used))
+    if twice or unused:
+        raise ValueError(f"at= is a {type(module).__name__} whose parameters do not match the latent sites {sites} one "
+                         f"to one: " + "; ".join(f"{what} {v}" for what, v in (("given to several sites:", twice),
+                                                                             ("matching no site:", unused)) if v))
+    return {site: params[k] for site, k in out.items()}
+
+
 class Problem:
     """
     Functional view of a Pyro model on its data.
@@ -646,6 +668,36 @@ class Problem:
                 v = torch.as_tensor(values[s.name], dtype=self.dtype, device=self.device)
                 h[s.slice] = s.transform.inv(v.expand(s.shape)).reshape(-1)
         return h
+
+    def theta_at(self, at, h=None) -> torch.Tensor:
+        """Flat unconstrained ``θ`` of a point given as the flat ``θ`` itself, as constrained latent values
+        ``{site: value}`` (every latent site), or as a ``torch.nn.Module`` whose parameters carry the latents'
+        values (a network trained in plain torch: its parameter ``"0.weight"`` gives the site ``"0.weight"`` or
+        ``"<prefix>.0.weight"``)."""
+        if isinstance(at, torch.nn.Module):
+            at = _module_values(at, [s.name for s in self.latents])
+        if not isinstance(at, dict):
+            theta = torch.as_tensor(at, dtype=self.dtype, device=self.device)
+            if theta.shape != self.theta_init.shape:
+                raise ValueError(f"at= has shape {tuple(theta.shape)}; the model's flat unconstrained latents have shape "
+                                 f"{tuple(self.theta_init.shape)} (or pass {{site: value}})")
+            return theta.detach()
+        names = [s.name for s in self.latents]
+        unknown, missing = sorted(set(at) - set(names)), [n for n in names if n not in at]
+        if unknown or missing:
+            raise ValueError(f"at= must give every latent site of the model, {names}: "
+                             + "; ".join(f"{what} {v}" for what, v in (("unknown", unknown), ("missing", missing)) if v))
+        trace, _ = self.trace(self.theta_init, self.h_init if h is None else h)
+        theta = self.theta_init.clone()
+        for site in self.latents:
+            value = torch.as_tensor(at[site.name]).detach().to(dtype=self.dtype, device=self.device)
+            if value.shape != site.shape:
+                raise ValueError(f"at[{site.name!r}] has shape {tuple(value.shape)}; the site has shape {tuple(site.shape)}")
+            u = biject_to(trace.nodes[site.name]["fn"].support).inv(value)
+            if not bool(torch.isfinite(u).all()):
+                raise ValueError(f"at[{site.name!r}] lies outside the support of its site")
+            theta[site.slice] = site.flatten(u)
+        return theta
 
     def write_params(self, h) -> None:
         """Writes the constrained hyperparameters of ``h`` into Pyro's param store, in the dtype

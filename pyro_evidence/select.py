@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 from .ascent import OUTER_LOOPS, NonFinite, ascend, at_bounds, probe_points
 from .checkpoint import Best, Checkpoint, CheckpointLock, Progress, Saver, Step, check_path
 from .hypergrad import METHODS
-from .hypergrad.implicit import check_validation
+from .hypergrad.implicit import check_validation, partial_hypergradient
 from .hypergrad.unrolled import UNROLLED
 from .linalg import NotPositiveDefiniteError
+from .objectives.curvature import refuse_symmetric
 from .objectives import ObjectiveSpec, as_objective
 from .placement import place
 from .problem import Problem
@@ -55,6 +56,9 @@ class Selection:
     :ivar theta: the inner solution ``θ*(h)`` at the selection (flat, unconstrained).
     :ivar h: the selection in flat unconstrained coordinates.
     :ivar grad_norm: ``max |dQ/dh|`` at the selection (NaN where it could not be computed).
+    :ivar cold_objective: ``Q`` at the selected ``h`` with ``θ`` solved from the model's own start instead of the
+        path's warm start (gradient selections that refit ``θ``); where it differs from ``objective`` beyond
+        round-off the inner problem has several modes and the selection warned so. None where not measured.
     """
 
     hyperparameters: dict
@@ -67,6 +71,7 @@ class Selection:
     method: str = "ift-exact"
     problem: Problem | None = field(default=None, repr=False)
     grad_norm: float = math.nan
+    cold_objective: float | None = None
 
     @property
     def value(self) -> torch.Tensor:
@@ -149,20 +154,30 @@ def _gradient(obj, spec, method, optimizer, lr, tol, max_steps, method_options, 
                       **getattr(obj, "key", {}))
     saver = Saver(None) if checkpoint is None else Saver(checkpoint.path, checkpoint.every, checkpoint.resume, key, problem)
     progress, h, budget, restarts = evaluate.progress, obj.h_init, max_steps, 0
+    # the warm-start check re-solves θ from the start: for methods whose θ is the inner solve's
+    name = loop.hypergradient if loop else method
+    solved = METHODS.get(name) is not None and not METHODS[name].needs & {"trajectory", "hypernet"}
+    cold = obj if solved else None
     try:
         while True:
             stopped = _run(loop, own, evaluate, obj, optimizer, lr, tol, budget, saver, h)
             if stopped is not None or not _stationary(progress, tol):
                 if stopped is None:
                     _warn_unconverged(progress, problem.dtype, tol)
-                return _selection(progress, problem, spec.name, method, tol, stopped, verified=False)
-            h, verified = _rise_from_bounds(obj, progress.best, max_steps)
+                return _selection(progress, problem, spec.name, method, tol, stopped, verified=False, obj=cold)
+            try:
+                h, verified = _rise_from_bounds(obj, progress.best, max_steps)
+            except KeyboardInterrupt:
+                warnings.warn("selection interrupted while probing its bounds; returning the best hyperparameters "
+                              "evaluated so far (converged=False)", RuntimeWarning, stacklevel=3)
+                return _selection(progress, problem, spec.name, method, tol, "interrupted", verified=False)
             if h is None or restarts == MAX_RESTARTS:
                 if h is not None or not verified:
                     warnings.warn("hyperparameters at a bound of their support could not be verified as a maximum within "
                                   f"{max_steps} probes and {MAX_RESTARTS} restarts: converged=False", RuntimeWarning,
                                   stacklevel=3)
-                return _selection(progress, problem, spec.name, method, tol, None, verified=verified and h is None)
+                return _selection(progress, problem, spec.name, method, tol, None, verified=verified and h is None,
+                                  obj=cold)
             restarts, budget = restarts + 1, len(progress.history) + max_steps
             saver = dataclasses.replace(saver, resume=False)
             bar.total += max_steps
@@ -301,7 +316,8 @@ def _run(loop, own, evaluate, obj, optimizer, lr, tol, max_steps, saver, h):
                 ascend(optimizer, evaluate, h.requires_grad_(True), lr, tol, max_steps, progress, saver)
     except KeyboardInterrupt:
         if progress.best is None:
-            raise
+            raise KeyboardInterrupt("interrupted during the first evaluation: no hyperparameters evaluated yet to "
+                                    "return") from None
         warnings.warn("selection interrupted; returning the best hyperparameters evaluated so far", RuntimeWarning,
                       stacklevel=3)
         return "interrupted"
@@ -318,9 +334,10 @@ def _run(loop, own, evaluate, obj, optimizer, lr, tol, max_steps, saver, h):
     return None
 
 
-def _selection(progress, problem, objective, method, tol, stopped, verified):
+def _selection(progress, problem, objective, method, tol, stopped, verified, obj=None):
     best = progress.best
     problem.write_params(best.h)
+    cold = None if obj is None or stopped == "interrupted" else _cold_objective(obj, best)
     return Selection(
         hyperparameters={k: v.detach() for k, v in problem.params(best.h).items()},
         objective=best.objective,
@@ -332,7 +349,27 @@ def _selection(progress, problem, objective, method, tol, stopped, verified):
         method=method,
         problem=problem,
         grad_norm=best.grad_norm,
+        cold_objective=cold,
     )
+
+
+def _cold_objective(obj, best):
+    """``Q`` at the selection with ``θ`` solved from the model's start; a warning where the warm start mattered."""
+    if obj.holds_theta:
+        return None
+    try:
+        value = float(obj.validation(obj.solve(best.h).theta, best.h))
+    except (FloatingPointError, NotPositiveDefiniteError):
+        return None
+    except KeyboardInterrupt:
+        warnings.warn("interrupted while solving θ from the model's start at the selection: the selection stands, "
+                      "cold_objective=None", RuntimeWarning, stacklevel=4)
+        return None
+    if abs(value - best.value) > _negligible(best.value, obj.problem.dtype):
+        warnings.warn(f"Q at the selected hyperparameters depends on the inner solve's start: {best.value:.6g} from the "
+                      f"path's warm start, {value:.6g} from the model's start (another mode of θ; "
+                      "Selection.cold_objective). The selection keeps the path's", RuntimeWarning, stacklevel=5)
+    return value
 
 
 class _Evaluator:
@@ -349,6 +386,7 @@ class _Evaluator:
             self.options["per_example"] = obj.per_example_loss
         if "trajectory" in needs and "batch_size" in self.options:
             self.options["step_loss"] = obj.step_loss(self.options.pop("batch_size"), self.options.pop("seed", 0))
+        refuse_symmetric(obj.problem, obj.theta_init, obj.h_init)
         self.progress = Progress(obj.theta_init)
         self.start, self.hypernet = time.perf_counter(), None
 
@@ -385,7 +423,14 @@ class _Evaluator:
         m = obj.solve(h, self.progress.theta)
         if not self.progress.history:  # at the first inner optimum, not at the unfitted start
             check_validation(obj.validation, m.theta, h)
-        if "hessian" in method.needs:
+        if obj.holds_theta:  # θ fixed: the partial derivative is the whole of dQ/dh
+            return partial_hypergradient(obj.validation, m.theta, h), m.theta
+        curvature = obj.implicit_curvature(m, h)
+        if curvature is not None:  # a structured Laplace curvature stands in for the Hessian
+            takes = inspect.signature(method.fn).parameters
+            opts.update({"solve": curvature.solve} if "solve" in takes else
+                        {"operator": curvature.matvec} if "operator" in takes else {})
+        elif "hessian" in method.needs:
             opts.update(jitter=self.jitter, hessian=m.hessian)
         return method(obj.inner_loss, obj.validation, m.theta, h, **opts), m.theta
 

@@ -102,6 +102,9 @@ def _feed(h, value):
             _feed(h, v)
     elif value is None or isinstance(value, (bool, int, float, str)):
         h.update(repr(value).encode())
+    elif isinstance(value, torch.nn.Module):  # a network by its weights, not only its class
+        h.update(describe(value).encode())
+        _feed(h, dict(value.state_dict()))
     else:
         h.update(describe(value).encode())
 

@@ -136,6 +136,39 @@ def test_bad_options(kwargs, message):
         select_hyperparameters(linear_regression, X, y, progress=False, **kwargs)
 
 
+def test_an_interrupt_before_any_result_or_after_the_selection(monkeypatch):
+    X, y = diabetes()
+    solve, calls = Objective.solve, []
+
+    def counted(self, h, theta0=None):
+        calls.append(h)
+        return solve(self, h, theta0)
+
+    monkeypatch.setattr(Objective, "solve", counted)
+    select_hyperparameters(linear_regression, X, y, progress=False)
+    last = len(calls)
+    pyro.clear_param_store()  # (the selection wrote its hyperparameters there: each run starts from the same)  # the warm-start check's solve, from the model's start, after the selection converged
+
+    def interrupt_at(k):
+        def impatient(self, h, theta0=None):
+            calls.append(h)
+            if len(calls) == k:
+                raise KeyboardInterrupt
+            return solve(self, h, theta0)
+        return impatient
+
+    calls.clear()
+    monkeypatch.setattr(Objective, "solve", interrupt_at(1))
+    with pytest.raises(KeyboardInterrupt, match="first evaluation"):
+        select_hyperparameters(linear_regression, X, y, progress=False)
+    calls.clear()
+    pyro.clear_param_store()
+    monkeypatch.setattr(Objective, "solve", interrupt_at(last))
+    with pytest.warns(RuntimeWarning, match="interrupted while solving θ from the model's start"):
+        sel = select_hyperparameters(linear_regression, X, y, progress=False)
+    assert sel.converged and sel.cold_objective is None
+
+
 def test_interrupt_returns_the_best_so_far(monkeypatch):
     X, y = diabetes()
     solve, calls = Objective.solve, []
@@ -493,3 +526,53 @@ def test_a_failure_at_the_first_evaluation_says_there_is_nothing_to_fall_back_on
     fail_inner_solves_above(monkeypatch, 0.5)  # the start, 1, already fails
     with pytest.raises(NotPositiveDefiniteError, match="at the initial hyperparameters, before any point to fall back on"):
         select_hyperparameters(linear_regression, X, y, method="ift-exact", progress=False)
+
+
+# --- the nested route, reproducible ------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:the selection ended:RuntimeWarning")
+def test_a_nested_selection_is_reproduced_by_the_evidence_at_its_network():
+    """``Selection.objective`` is ``laplace_evidence(..., at=Selection.theta)`` at the returned ``h``, and the
+    evidence from the model's own start is measured beside it."""
+    import pyro_evidence as pe
+    from pyro_evidence.models import mlp_classifier
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    kwargs = {"hidden": 4, "classes": 3}
+    pyro.clear_param_store()
+    with pyro.poutine.seed(rng_seed=0):
+        sel = select_hyperparameters(mlp_classifier, X, y, model_kwargs=kwargs, objective=pe.Laplace(hessian="kron"),
+                                     max_steps=12, progress=False, init_loc_fn=pyro.infer.autoguide.init_to_sample)
+    again = laplace_evidence(mlp_classifier, X, y, model_kwargs=kwargs, hessian="kron", at=sel.theta)
+    assert_close(again.log_evidence, sel.objective, rtol=1e-8)
+    assert sel.cold_objective is not None and abs(sel.cold_objective) > 0
+
+
+def test_a_warm_start_dependence_is_reported():
+    """Where the inner problem's mode at the selection depends on where its solve starts, the selection warns and
+    keeps both values (``objective`` on the path, ``cold_objective`` from the model's start)."""
+    from pyro_evidence.checkpoint import Best
+    from pyro_evidence.optim import Minimum
+    from pyro_evidence.select import _cold_objective
+
+    class TwoModes(Objective):  # θ* from the start is 1, the path's was −1: Q = θ at h
+        holds_theta = False
+
+        def __init__(self):
+            self.problem = type("P", (), {"dtype": torch.float64})()
+
+        def solve(self, h, theta0=None):
+            return Minimum(torch.ones(1, dtype=torch.float64), torch.tensor(0.0), 0.0, True, 0, 0)
+
+        def validation(self, theta, h):
+            return theta.sum()
+
+    path = Best(-1.0, torch.zeros(1, dtype=torch.float64), -torch.ones(1, dtype=torch.float64), torch.tensor(-1.0), 0.0)
+    with pytest.warns(RuntimeWarning, match=r"depends on the inner solve's start: -1 from the path's warm start, 1 from"):
+        assert _cold_objective(TwoModes(), path) == 1.0
+    same = Best(1.0, path.h, torch.ones(1, dtype=torch.float64), torch.tensor(1.0), 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _cold_objective(TwoModes(), same) == 1.0

@@ -69,47 +69,60 @@ def _partials(validation, theta, h):
     return value, g_theta, g_h
 
 
+def partial_hypergradient(validation, theta, h) -> Hypergradient:
+    """``dQ/dh = ∂Q/∂h`` where ``θ`` does not depend on ``h`` (held fixed)."""
+    value, _, g_h = _partials(validation, theta, h)
+    return Hypergradient(value.detach(), g_h.detach(), g_h.detach(), {"held": True})
+
+
 def _finish(inner_loss, theta, h, value, g_h, v, **info):
     return Hypergradient(value, g_h - mixed_vjp(inner_loss, theta, h, v), g_h, {"v": v, **info})
 
 
-def default_step(inner_loss, theta, h) -> float:
+def default_step(inner_loss, theta, h, operator=None) -> float:
     """``1/λ_max(H)`` by power iteration: the largest step for which ``ηI`` and the Neumann series
-    are sensible approximations of ``H⁻¹``."""
-    lam = power_iteration(hvp_operator(inner_loss, theta, h), theta.numel(), theta)
+    are sensible approximations of ``H⁻¹`` (of ``C⁻¹`` with ``operator=``, ``v ↦ Cv``)."""
+    lam = power_iteration(operator or hvp_operator(inner_loss, theta, h), theta.numel(), theta)
     if not lam > 0:
         raise NotPositiveDefiniteError("the inner Hessian has no positive curvature here; give lr=/alpha= explicitly")
     return 1.0 / lam
 
 
-def ift_exact(inner_loss, validation, theta, h, *, jitter: float = 0.0, hessian=None):
+def ift_exact(inner_loss, validation, theta, h, *, jitter: float = 0.0, hessian=None, solve=None):
     """Dense Hessian and a Cholesky solve.
 
     :param hessian: ``∂²L/∂θ²`` at ``(θ, h)`` if the caller has it already (the inner Newton
         solver does), else it is computed here.
+    :param solve: ``v ↦ C⁻¹v`` for a positive definite stand-in ``C`` of the Hessian (a structured Laplace
+        curvature, :meth:`~pyro_evidence.objectives.curvature.Curvature.solve`): used in place of ``H⁻¹``, and no
+        Hessian is formed.
     """
     value, g_theta, g_h = _partials(validation, theta, h)
     if theta.numel() == 0:
         return Hypergradient(value, g_h, g_h)
+    if solve is not None:
+        return _finish(inner_loss, theta, h, value, g_h, solve(g_theta))
     H = hessian
     if H is None:
         _, _, H = value_grad_hessian(lambda t: inner_loss(t, h), theta)
     return _finish(inner_loss, theta, h, value, g_h, dense_solve(H, g_theta, jitter))
 
 
-def ift_cg(inner_loss, validation, theta, h, *, tol: float = 1e-10, max_iter: int | None = None, damping: float = 0.0, x0=None, mode: str = "reverse-over-reverse"):
+def ift_cg(inner_loss, validation, theta, h, *, tol: float = 1e-10, max_iter: int | None = None, damping: float = 0.0, x0=None, mode: str = "reverse-over-reverse", operator=None):
     """Conjugate gradient on ``(H + damping·I) v = ∂Q/∂θ`` with Hessian-vector products only
-    (one linearisation, then one backward pass per iteration).
+    (one linearisation, then one backward pass per iteration); with ``operator=`` (``v ↦ Cv``, a positive
+    definite stand-in for ``H`` such as a structured Laplace curvature) on ``C v = ∂Q/∂θ`` instead.
 
     Outside ``torch.func`` transforms the products run on one autograd graph of ``∇_θ L`` built once, and
     the mixed product ``(∂²L/∂h∂θ) v`` comes from the same graph: no forward pass is repeated (the result is
     then detached); inside a transform, ``torch.func`` builds the same products functionally."""
-    if mode == "reverse-over-reverse" and not in_transform():
+    if operator is None and mode == "reverse-over-reverse" and not in_transform():
         fast = _ift_cg_on_one_graph(inner_loss, validation, theta, h, tol, max_iter, damping, x0)
         if fast is not None:
             return fast
     value, g_theta, g_h = _partials(validation, theta, h)
-    r = cg(hvp_operator(inner_loss, theta, h, mode=mode), g_theta, x0, tol=tol, max_iter=max_iter, damping=damping)
+    op = operator or hvp_operator(inner_loss, theta, h, mode=mode)
+    r = cg(op, g_theta, x0, tol=tol, max_iter=max_iter, damping=damping)
     return _finish(inner_loss, theta, h, value, g_h, r.x, iterations=r.iterations, residual=r.residual, converged=r.converged)
 
 
@@ -131,19 +144,21 @@ def _ift_cg_on_one_graph(inner_loss, validation, theta, h, tol, max_iter, dampin
     return Hypergradient(value.detach(), grad_h.detach(), g_h.detach(), info)
 
 
-def ift_neumann(inner_loss, validation, theta, h, *, alpha: float | None = None, terms: int = 50):
+def ift_neumann(inner_loss, validation, theta, h, *, alpha: float | None = None, terms: int = 50, operator=None):
     """``H⁻¹ ≈ α Σ_{j≤terms} (I − αH)^j`` (Lorraine et al. 2020); ``alpha`` defaults to
-    ``1/λ_max(H)``."""
+    ``1/λ_max(H)``; ``operator=`` (``v ↦ Cv``) puts a positive definite stand-in ``C`` in place of ``H``."""
     value, g_theta, g_h = _partials(validation, theta, h)
-    alpha = default_step(inner_loss, theta, h) if alpha is None else alpha
-    r = neumann(hvp_operator(inner_loss, theta, h), g_theta, alpha=alpha, terms=terms)
+    op = operator or hvp_operator(inner_loss, theta, h)
+    alpha = default_step(inner_loss, theta, h, op) if alpha is None else alpha
+    r = neumann(op, g_theta, alpha=alpha, terms=terms)
     return _finish(inner_loss, theta, h, value, g_h, r.x, alpha=alpha, residuals=r.residuals, residual=r.residual, converged=r.converged)
 
 
-def t1_t2(inner_loss, validation, theta, h, *, lr: float | None = None):
-    """``H⁻¹ ≈ ηI``, ``η`` the inner step size (Luketina et al. 2016); default ``1/λ_max(H)``."""
+def t1_t2(inner_loss, validation, theta, h, *, lr: float | None = None, operator=None):
+    """``H⁻¹ ≈ ηI``, ``η`` the inner step size (Luketina et al. 2016); default ``1/λ_max(H)`` (of ``C`` with
+    ``operator=``)."""
     value, g_theta, g_h = _partials(validation, theta, h)
-    lr = default_step(inner_loss, theta, h) if lr is None else lr
+    lr = default_step(inner_loss, theta, h, operator) if lr is None else lr
     return _finish(inner_loss, theta, h, value, g_h, lr * g_theta, lr=lr)
 
 

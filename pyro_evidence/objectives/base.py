@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..optim import Minimum, minimize
+from ..optim import Minimum, at_point, minimize
 from ..problem import Problem
 
 __all__ = ["Objective"]
@@ -73,5 +73,23 @@ class Objective:
         h = h.detach()
         return minimize(
             lambda theta: self.inner_loss(theta, h), theta0, max_iter=self.max_iter, tol=self.tol,
-            newton_max_dim=self.newton_max_dim,
+            newton_max_dim=self.newton_max_dim, curvature=self.inner_curvature(h),
         )
+
+    holds_theta = False  # True where θ does not move with h (post-hoc tuning): dQ/dh is then ∂Q/∂h
+
+    def implicit_curvature(self, m, h):
+        """The positive definite curvature that stands in for the inner Hessian in implicit hypergradients at the
+        inner point ``m`` (its ``solve`` and ``matvec``), or None: the Hessian itself."""
+        return None
+
+    def inner_curvature(self, h):
+        """``θ ↦`` the positive definite curvature the inner solve steps with (its ``solve``), or None: the
+        Hessian itself (Newton, L-BFGS)."""
+        return None
+
+    def evaluate(self, h, theta) -> Minimum:
+        """The inner problem at ``θ`` as given, with no solve: its loss and gradient norm, ``converged`` where
+        that is within the inner solver's tolerance."""
+        h = h.detach()
+        return at_point(lambda t: self.inner_loss(t, h), theta, self.tol)

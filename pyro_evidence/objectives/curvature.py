@@ -63,10 +63,11 @@ from torch.overrides import TorchFunctionMode
 from ..compat import mask_of
 from ..linalg import NotPositiveDefiniteError, cholesky, hessian_and_value
 
-__all__ = ["STRUCTURES", "LOGDETS", "Curvature", "LaplaceCurvature", "KronBlock", "slq_logdet"]
+__all__ = ["STRUCTURES", "LOGDETS", "KRON_BIAS", "Curvature", "LaplaceCurvature", "KronBlock", "slq_logdet", "symmetric_layer", "refuse_symmetric"]
 
 STRUCTURES = ("exact", "ggn", "diag", "kron")
 LOGDETS = ("dense", "slq")
+KRON_BIAS = ("joint", "separate")
 CHUNK = 256  # Hessian/GGN columns per batched product: bounds memory at CHUNK copies of one backward pass
 
 
@@ -254,14 +255,16 @@ class _Layer:
 
 @dataclass
 class KronBlock:
-    """One layer's Kronecker factors: ``C_layer ≈ A ⊗ B + δ I`` over its weight laid out as (inputs, a bias row
-    last) × outputs, ``δ`` the layer's prior precision."""
+    """One block's Kronecker factors: ``C_block ≈ A ⊗ B + δ I`` over a layer's weight laid out as (inputs, a bias
+    row last) × outputs, ``δ`` the prior precision. A bias factored on its own (``kron_bias="separate"``) is a
+    block with no weight whose one input is the constant 1 (``A = [[N]]``)."""
 
-    weight: str
+    weight: str | None
     bias: str | None
     A: torch.Tensor
     B: torch.Tensor
     delta: torch.Tensor
+    transposed: bool = False  # F.linear's (out, in) weight
 
 
 @dataclass
@@ -286,10 +289,41 @@ class Curvature:
     source: "LaplaceCurvature | None" = field(default=None, repr=False)
     theta: torch.Tensor | None = field(default=None, repr=False)
     h: torch.Tensor | None = field(default=None, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # factorisations made by solve, reused
 
     def sample(self, num_samples: int, seed: int = 0) -> torch.Tensor:
         """``num_samples`` draws of ``N(0, C⁻¹)``, shape ``(S, d)``."""
         return self.source.sample(self, num_samples, seed)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``C v`` for a flat ``v``, in the structure: the dense matrix, the diagonal, the Kronecker blocks (the
+        diagonal elsewhere), or GGN-vector products where ``C`` is matrix-free (``logdet="slq"``)."""
+        return self._apply(v, inverse=False)
+
+    def solve(self, v: torch.Tensor) -> torch.Tensor:
+        """``C⁻¹ v`` for a flat ``v``: a Cholesky solve, a division, per block the Kronecker factors'
+        eigenbases, ``(A ⊗ B + δI)⁻¹ = (Q_A ⊗ Q_B) (Λ_A ⊗ Λ_B + δI)⁻¹ (Q_A ⊗ Q_B)ᵀ``; conjugate gradients on
+        GGN-vector products where ``C`` is matrix-free."""
+        return self._apply(v, inverse=True)
+
+    def _apply(self, v, inverse):
+        if self.dense is not None:
+            if not inverse:
+                return self.dense @ v
+            if "factor" not in self._cache:
+                self._cache["factor"] = cholesky(self.dense)
+            return torch.cholesky_solve(v.unsqueeze(-1), self._cache["factor"]).squeeze(-1)
+        if self.structure == "diag":
+            return v / self.diagonal if inverse else v * self.diagonal
+        if self.structure == "kron":
+            return self.source.kron_apply(self, v, inverse, self._cache)
+        from ..linalg import cg
+
+        op = self._cache.setdefault("op", self.source.ggn_operator(self.theta.detach(), self.h.detach()))
+        j = self.source.jitter
+        if not inverse:
+            return op(v.unsqueeze(0))[0] + j * v
+        return cg(lambda u: op(u.unsqueeze(0))[0] + j * u, v, tol=1e-10).x
 
 
 class LaplaceCurvature:
@@ -304,20 +338,27 @@ class LaplaceCurvature:
     :param int num_probes: SLQ's Rademacher probes ``m``.
     :param int lanczos_steps: SLQ's Lanczos steps ``k`` (full reorthogonalisation).
     :param int seed: SLQ's probes.
+    :param str kron_bias: ``"joint"`` (a layer's bias is a row of its weight: homogeneous coordinates, one
+        Kronecker block that keeps the weight–bias cross terms) or ``"separate"`` (laplace-torch's convention: the
+        weight's block without the bias row, and the bias a block of its own, ``[[N]] ⊗ B``; no cross terms).
     """
 
-    def __init__(self, problem, structure="exact", logdet="dense", *, jitter=0.0, num_probes=30, lanczos_steps=40, seed=0):
+    def __init__(self, problem, structure="exact", logdet="dense", *, jitter=0.0, num_probes=30, lanczos_steps=40,
+                 seed=0, kron_bias="joint"):
         if structure not in STRUCTURES:
             raise ValueError(f"unknown hessian {structure!r}; use one of {list(STRUCTURES)}")
         if logdet not in LOGDETS:
             raise ValueError(f"unknown logdet {logdet!r}; use 'dense' or 'slq'")
         if logdet == "slq" and structure not in ("exact", "ggn"):
             raise ValueError(f"logdet='slq' works on a matrix-free operator: use it with hessian='ggn' or 'exact', not {structure!r}")
+        if kron_bias not in KRON_BIAS:
+            raise ValueError(f"unknown kron_bias {kron_bias!r}; use 'joint' (weight and bias in one block) or 'separate'")
         for key, value in (("num_probes", num_probes), ("lanczos_steps", lanczos_steps)):
             if not isinstance(value, int) or value < 2:
                 raise ValueError(f"{key} must be an int >= 2, got {value!r}")
         self.problem, self.structure, self.logdet, self.jitter = problem, structure, logdet, jitter
         self.num_probes, self.lanczos_steps, self.seed = num_probes, lanczos_steps, seed
+        self.kron_bias = kron_bias
         self._setup_done = False
 
     # --- the functional pieces -------------------------------------------------------------------------------
@@ -437,8 +478,10 @@ class LaplaceCurvature:
                 )
             if l.bias is not None:
                 b = torch.stack([diag[site[l.bias].slice] for diag in diags])
-                if not bool(torch.allclose(b, w[:, :1].expand_as(b), rtol=1e-10, atol=0)):
-                    l.bias = None  # a bias with its own precision is not part of the Kronecker block
+                # joint: the bias shares the weight's block, so its δ; separate: its own block, one δ over it
+                ref = w[:, :1] if self.kron_bias == "joint" else b[:, :1]
+                if not bool(torch.allclose(b, ref.expand_as(b), rtol=1e-10, atol=0)):
+                    l.bias = None  # a bias whose precision fits no block keeps its exact diagonal
 
     # --- products --------------------------------------------------------------------------------------------
     def _laws(self, theta, h):
@@ -487,10 +530,20 @@ class LaplaceCurvature:
         eta, back, (aux, inputs) = vjp(f, probes, has_aux=True)
         cots = self._root_columns(eta, aux, n)
         grads = vmap(back)(cots)[0]
+        # where a value first went non-finite: inputs forward from the first layer, gradients back from the last
+        checks = [(l, "inputs", inputs[l.weight]) for l in self.layers]
+        checks += [(l, "output gradients", grads[l.weight]) for l in reversed(self.layers)]
+        for l, what, x in checks:
+            if not bool(torch.isfinite(x).all()):
+                raise FloatingPointError(
+                    f"the curvature of layer {l.weight!r} is not finite: its {what} hold {int((~torch.isfinite(x)).sum())} "
+                    "non-finite values at these parameters (an exploding activation or logit; check the layer's scale "
+                    "and the data's)"
+                )
         stats = {}
         for l in self.layers:
             a = inputs[l.weight]
-            if l.bias is not None:
+            if l.bias is not None and self.kron_bias == "joint":
                 a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
             stats[l.weight] = (a, grads[l.weight].reshape(-1, n, math.prod(self.out_shapes[l.weight][1:])))
         return stats
@@ -550,6 +603,8 @@ class LaplaceCurvature:
         site = self.problem.latent_by_name
         for l, (a, g) in zip(self.layers, self._layer_stats(theta, h).values()):
             s2 = (g * g).sum(0)  # (N, out)
+            if l.bias is not None and self.kron_bias == "separate":  # the exact diagonal: the bias input is 1
+                a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
             block = (a * a).T @ s2  # (in', out)
             ggn = _place(ggn, site, l, block)
         ggn = ggn.index_put((self.other,), self._other_diagonal(theta, h, self.other)) if self.other.numel() else ggn
@@ -566,7 +621,12 @@ class LaplaceCurvature:
             A = a.T @ a
             B = torch.einsum("cni,cnj->ij", g, g) / n
             delta = prior[site[l.weight].slice].mean()
-            blocks.append(KronBlock(l.weight, l.bias, A, B, delta))
+            if l.bias is None or self.kron_bias == "joint":
+                blocks.append(KronBlock(l.weight, l.bias, A, B, delta, l.transposed))
+                continue
+            blocks.append(KronBlock(l.weight, None, A, B, delta, l.transposed))
+            ones = torch.full((1, 1), float(n), dtype=A.dtype, device=A.device)
+            blocks.append(KronBlock(None, l.bias, ones, B, prior[site[l.bias].slice].mean()))
         other = prior[self.other] + self._other_diagonal(theta, h, self.other)
         return blocks, other
 
@@ -598,7 +658,7 @@ class LaplaceCurvature:
         for b in blocks:
             lam, mu = torch.linalg.eigvalsh(b.A), torch.linalg.eigvalsh(b.B)
             eig = lam.clamp(min=0).unsqueeze(1) * mu.clamp(min=0).unsqueeze(0) + b.delta + j
-            _check_positive(eig, f"Kronecker block of {b.weight!r} (its prior precision must be > 0)")
+            _check_positive(eig, f"Kronecker block of {b.weight or b.bias!r} (its prior precision must be > 0)")
             total = total + eig.log().sum()
         return Curvature("kron", total, diagonal=other, blocks=blocks, source=self, theta=theta, h=h)
 
@@ -649,6 +709,21 @@ class LaplaceCurvature:
             rows = rows + lp.movedim(k.row_dim + 1, 1).reshape(lp.shape[0], n, -1).sum(-1)
         return rows
 
+    def kron_apply(self, curv: Curvature, v, inverse, cache):
+        """``C v`` or ``C⁻¹ v`` in the Kronecker structure: each block's ``(in', out)`` slice of ``v`` is mapped
+        into the factors' eigenbases, scaled by ``λ_i μ_j + δ`` (or divided by it), and mapped back."""
+        site = self.problem.latent_by_name
+        other = v[self.other] / curv.diagonal if inverse else v[self.other] * curv.diagonal
+        out = torch.zeros_like(v).index_put((self.other,), other)
+        if "eig" not in cache:
+            cache["eig"] = [(*torch.linalg.eigh(b.A), *torch.linalg.eigh(b.B)) for b in curv.blocks]
+        for b, (lam, QA, mu, QB) in zip(curv.blocks, cache["eig"]):
+            scale = lam.clamp(min=0).unsqueeze(1) * mu.clamp(min=0).unsqueeze(0) + b.delta + self.jitter
+            V = _block_of(v, site, b)
+            W = QA @ ((QA.T @ V @ QB) / scale if inverse else (QA.T @ V @ QB) * scale) @ QB.T
+            out = _place(out, site, b, W)
+        return out
+
     # --- draws of N(0, C⁻¹) ----------------------------------------------------------------------------------
     def sample(self, curv: Curvature, num_samples: int, seed: int = 0):
         theta = curv.theta
@@ -663,17 +738,18 @@ class LaplaceCurvature:
             out = torch.zeros_like(eps)
             out[:, self.other] = eps[:, self.other] * curv.diagonal.rsqrt()
             site = self.problem.latent_by_name
-            for l, b in zip(self.layers, curv.blocks):
+            for b in curv.blocks:
                 lam, QA = torch.linalg.eigh(b.A)
                 mu, QB = torch.linalg.eigh(b.B)
                 scale = (lam.clamp(min=0).unsqueeze(1) * mu.clamp(min=0).unsqueeze(0) + b.delta + self.jitter).rsqrt()
                 Z = torch.randn(num_samples, *scale.shape, generator=g, dtype=torch.float64).to(theta)
                 W = QA @ (Z * scale) @ QB.T  # (S, in', out)
-                n_in = W.shape[1] - (l.bias is not None)
-                weight = W[:, :n_in].mT if l.transposed else W[:, :n_in]
-                out[:, site[l.weight].slice] = weight.reshape(num_samples, -1)
-                if l.bias is not None:
-                    out[:, site[l.bias].slice] = W[:, n_in]
+                n_in = W.shape[1] - (b.bias is not None)
+                if b.weight is not None:
+                    weight = W[:, :n_in].mT if b.transposed else W[:, :n_in]
+                    out[:, site[b.weight].slice] = weight.reshape(num_samples, -1)
+                if b.bias is not None:
+                    out[:, site[b.bias].slice] = W[:, n_in]
             return out
         if curv.structure == "exact":
             raise ValueError("draws from the matrix-free exact Hessian are not available; use hessian='ggn' with logdet='slq'")
@@ -709,6 +785,40 @@ class LaplaceCurvature:
         return torch.stack(draws)
 
 
+def symmetric_layer(problem, theta, h):
+    """The first linear layer (its weight site) whose output units are interchangeable at ``θ``, or None: a layer
+    followed by another whose weight columns are all equal, its bias elements too (all-zero weights, say). Every
+    unit of such a layer gets the same gradient, so no inner solve can tell them apart: it ends at a saddle with a
+    zero gradient, which would read as converged."""
+    watch = _Watch()
+    problem.trace(theta, h, handlers=(watch,))
+    layers = [name for name, count in watch.uses.items() if count == 1]
+    values = problem.latent_values(theta, h)
+    for name in layers[:-1]:  # the last layer's units are the outputs, told apart by the data
+        w = values[name]
+        if w.dim() != 2:
+            continue
+        units = w if name in watch.transposed else w.T  # (out, in)
+        bias = values.get(watch.bias.get(name), torch.zeros(units.shape[0], dtype=w.dtype, device=w.device))
+        if units.shape[0] > 1 and bool((units == units[:1]).all()) and bool((bias == bias.reshape(-1)[0]).all()):
+            return name
+    return None
+
+
+def refuse_symmetric(problem, theta, h, where="the start"):
+    """Raises a ``ValueError`` naming the layer where :func:`symmetric_layer` finds one at ``θ``."""
+    if theta.dim() != 1 or theta.numel() != problem.theta_dim or not problem.theta_dim:
+        return
+    name = symmetric_layer(problem, theta, h)
+    if name is not None:
+        raise ValueError(
+            f"at {where} the units of layer {name!r} are identical (its weight columns and bias elements are equal, "
+            "all-zero weights say): each gets the same gradient, so the inner solve cannot tell them apart and would "
+            "stop at a saddle with a zero gradient; start from a draw of the prior "
+            "(init_loc_fn=pyro.infer.autoguide.init_to_sample) or give a trained network (at=, theta_init=)"
+        )
+
+
 def _law_log_prob(kind, eta, scale, y):
     """Element-wise log-density of an observed law rebuilt from (linearised) parameters ``eta``."""
     if kind == "loc_param":
@@ -723,14 +833,24 @@ def _law_log_prob(kind, eta, scale, y):
     raise ValueError(f"the linearised predictive does not cover {kind!r} outputs")
 
 
+def _block_of(flat, site, block):
+    """A block's ``(in', out)`` matrix (bias row last) read from the flat vector: the inverse of :func:`_place`."""
+    rows, out = [], block.B.shape[0]
+    if block.weight is not None:
+        weight = flat[site[block.weight].slice]
+        rows.append(weight.reshape(out, -1).T if block.transposed else weight.reshape(-1, out))
+    if block.bias is not None:
+        rows.append(flat[site[block.bias].slice].reshape(1, -1))
+    return torch.cat(rows)
+
+
 def _place(flat, site, layer, block):
     """Writes a layer's ``(in', out)`` block (bias row last) into the flat vector at its sites."""
-    w = site[layer.weight]
     n_in = block.shape[0] - (layer.bias is not None)
-    weight = block[:n_in]
-    if layer.transposed:
-        weight = weight.T
-    flat = flat.index_put((torch.arange(w.offset, w.offset + w.numel, device=flat.device),), weight.reshape(-1))
+    if layer.weight is not None:
+        w = site[layer.weight]
+        weight = block[:n_in].T if layer.transposed else block[:n_in]
+        flat = flat.index_put((torch.arange(w.offset, w.offset + w.numel, device=flat.device),), weight.reshape(-1))
     if layer.bias is not None:
         b = site[layer.bias]
         flat = flat.index_put((torch.arange(b.offset, b.offset + b.numel, device=flat.device),), block[n_in].reshape(-1))

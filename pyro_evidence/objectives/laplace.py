@@ -29,7 +29,7 @@ import torch
 from ..linalg import NotPositiveDefiniteError, cholesky, hessian_and_value, value_grad_hessian
 from ..problem import Problem
 from .base import Objective
-from .curvature import Curvature, LaplaceCurvature
+from .curvature import Curvature, LaplaceCurvature, refuse_symmetric
 
 __all__ = ["LaplaceObjective", "LaplaceEvidence", "laplace_evidence", "laplace_hypergradient", "gaussian_draws"]
 
@@ -44,18 +44,32 @@ class LaplaceObjective(Objective):
     :param str hessian: the curvature: ``"exact"``, ``"ggn"``, ``"diag"`` or ``"kron"``.
     :param str logdet: ``"dense"`` or ``"slq"`` (stochastic Lanczos quadrature, matrix-free).
     :param int num_probes: SLQ probes; :param int lanczos_steps: SLQ Lanczos steps; :param int seed: SLQ probes' seed.
+    :param str kron_bias: ``"joint"`` (default: a bias is a row of its layer's weight in one Kronecker block) or
+        ``"separate"`` (laplace-torch's: a block of its own).
+    :param bool refit: ``True`` (default): ``θ`` is the mode at every ``h`` (the inner solve), and the hypergradient
+        goes through it. ``False``: the post-hoc setting of laplace-torch's ``optimize_prior_precision`` — ``θ`` held
+        at ``at`` (or at the first inner solve's mode) and ``h`` tuned on ``Q(θ, h)``, whose gradient is then the
+        partial ``∂Q/∂h`` (exact, through the structured ``log det C``).
+    :param at: with ``refit=False``, the network held: flat ``θ``, ``{site: value}`` or a ``torch.nn.Module`` (see
+        :meth:`~pyro_evidence.problem.Problem.theta_at`).
     """
 
     name = "laplace"
 
     def __init__(self, problem: Problem, *, jitter: float = 0.0, hessian: str = "exact", logdet: str = "dense",
-                 num_probes: int = 30, lanczos_steps: int = 40, seed: int = 0, **options):
+                 num_probes: int = 30, lanczos_steps: int = 40, seed: int = 0, kron_bias: str = "joint",
+                 refit: bool = True, at=None, **options):
         super().__init__(problem, **options)
         if jitter < 0:
             raise ValueError(f"jitter must be >= 0, got {jitter}")
-        self.jitter = jitter
+        if not isinstance(refit, bool):
+            raise TypeError(f"refit must be True or False, got {refit!r}")
+        if at is not None and refit:
+            raise ValueError("at= holds the network fixed: it goes with refit=False (with refit=True every h has its own mode)")
+        self.jitter, self.refit = jitter, refit
+        self.held = None if at is None else problem.theta_at(at)
         self.curvature = LaplaceCurvature(problem, hessian, logdet, jitter=jitter, num_probes=num_probes,
-                                        lanczos_steps=lanczos_steps, seed=seed)
+                                        lanczos_steps=lanczos_steps, seed=seed, kron_bias=kron_bias)
         self.curvature.setup()  # refuses what the structure cannot handle before any fit
 
     @property
@@ -63,10 +77,55 @@ class LaplaceObjective(Objective):
         """What a saved run must match beyond the problem: the curvature (absent for the default, so runs
         saved before the choice existed still match)."""
         c = self.curvature
-        return {} if (c.structure, c.logdet) == ("exact", "dense") else {"hessian": c.structure, "logdet": c.logdet}
+        key = {} if (c.structure, c.logdet) == ("exact", "dense") else {"hessian": c.structure, "logdet": c.logdet}
+        return key if c.kron_bias == "joint" else {**key, "kron_bias": c.kron_bias}
 
     def inner_loss(self, theta, h):
         return self.problem.loss(theta, h)
+
+    @property
+    def theta_init(self):
+        return self.problem.theta_init if self.held is None else self.held
+
+    @property
+    def holds_theta(self) -> bool:
+        """``refit=False``: ``θ`` does not move with ``h``, so ``dQ/dh = ∂Q/∂h``."""
+        return not self.refit
+
+    def solve(self, h, theta0=None):
+        if self.refit:
+            return super().solve(h, theta0)
+        if self.held is None:  # the mode at the first hyperparameters asked for, held from then on
+            refuse_symmetric(self.problem, self.problem.theta_init if theta0 is None else theta0, h)
+            self.held = super().solve(h, theta0).theta
+        return self.evaluate(h, self.held)
+
+    def implicit_curvature(self, m, h):
+        """With a structured ``hessian``, that curvature at the mode: implicit solves use it (positive definite, so
+        CG never meets negative curvature) and the exact Hessian is never formed."""
+        if self.curvature.structure == "exact":
+            return None
+        if isinstance(m.curvature, Curvature) and m.curvature.theta is m.theta:
+            return m.curvature
+        with torch.no_grad():
+            return self.curvature.curvature(m.theta, h.detach())
+
+    def inner_curvature(self, h):
+        """With a structured ``hessian`` (``ggn``, ``diag``, ``kron``) the inner solve steps with that curvature
+        (:func:`~pyro_evidence.optim.gauss_newton`), and no dense Hessian of the loss is formed anywhere; the GGN
+        above ``newton_max_dim`` latents, or with ``logdet="slq"``, is solved matrix-free by truncated CG."""
+        c = self.curvature
+        if c.structure == "exact":
+            return None
+        h = h.detach()
+        if c.structure == "ggn" and (c.logdet == "slq" or self.problem.theta_dim > self.newton_max_dim):
+            return lambda theta: _TruncatedGGN(c.ggn_operator(theta, h), c.jitter)
+
+        def at(theta):
+            with torch.no_grad():
+                return c.curvature(theta, h)
+
+        return at
 
     def weighted_loss(self, theta, h, weights):
         prior, rows = self.problem.terms(theta, h)
@@ -90,6 +149,21 @@ class LaplaceObjective(Objective):
         any derivative of theirs is the Hutchinson estimator's."""
         d = theta.shape[-1]
         return -self.problem.loss(theta, h) + 0.5 * d * _LOG_2PI - 0.5 * self.curvature.probe_log_dets(theta, h)
+
+
+class _TruncatedGGN:
+    """``C⁻¹ v`` by at most 100 CG iterations on GGN-vector products, to 10⁻⁴: an inexact Gauss–Newton direction
+    (the L-BFGS pairs and the line search absorb the rest)."""
+
+    def __init__(self, op, jitter):
+        self.op, self.jitter = op, jitter
+
+    def solve(self, v):
+        from ..linalg import cg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a truncated direction is inexact by design
+            return cg(lambda u: self.op(u.unsqueeze(0))[0] + self.jitter * u, v, tol=1e-4, max_iter=100).x
 
 
 def gaussian_draws(mean, precision, num_samples: int, seed: int = 0):
@@ -172,6 +246,8 @@ def laplace_evidence(
     lanczos_steps: int = 40,
     seed: int = 0,
     init_loc_fn=None,
+    at=None,
+    kron_bias: str = "joint",
 ) -> LaplaceEvidence:
     """
     Laplace approximation of the log evidence ``log p(y | h)`` of a Pyro model, the
@@ -179,7 +255,9 @@ def laplace_evidence(
 
     The mode is found by Newton steps with the dense autograd Hessian (up to 2,000 latents) and by
     L-BFGS (Armijo backtracking) where Newton cannot start or the model is larger; ``log det C``
-    comes from the curvature asked for (see :mod:`pyro_evidence.objectives.curvature`).
+    comes from the curvature asked for (see :mod:`pyro_evidence.objectives.curvature`). With ``at=`` there is
+    no inner solve: the evidence is evaluated at the point given (a network as it was trained), and
+    ``grad_norm`` says how far from stationary it is (``converged``: within the inner solver's tolerance).
 
     :param model: a Pyro model; its positional arguments are the data.
     :param args: the data (tensors sharing their first dimension); the computation follows their
@@ -197,16 +275,28 @@ def laplace_evidence(
         products, never forming ``C``; with ``num_probes`` probes, ``lanczos_steps`` steps, ``seed``).
     :param callable init_loc_fn: Pyro's init strategy for the starting point (see
         :class:`~pyro_evidence.problem.Problem`).
+    :param at: evaluate at this point instead of solving for the mode: flat unconstrained ``θ``, constrained
+        values ``{site: value}`` of every latent, or a ``torch.nn.Module`` whose parameters hold them (see
+        :meth:`~pyro_evidence.problem.Problem.theta_at`).
+    :param str kron_bias: ``hessian="kron"``'s treatment of a layer's bias: ``"joint"`` (one Kronecker block
+        with the weight, homogeneous coordinates) or ``"separate"`` (a block of its own, as laplace-torch).
     :rtype: LaplaceEvidence
     """
+    if at is not None and theta_init is not None:
+        raise ValueError("give at= (evaluate at this point) or theta_init= (start the inner solve there), not both")
     problem = Problem(model, *args, model_kwargs=model_kwargs, init_loc_fn=init_loc_fn)
     objective = LaplaceObjective(problem, jitter=jitter, max_iter=max_iter, tol=tol, hessian=hessian, logdet=logdet,
-                                 num_probes=num_probes, lanczos_steps=lanczos_steps, seed=seed)
-    return _laplace_at(objective, problem.h_init, theta_init)
+                                 num_probes=num_probes, lanczos_steps=lanczos_steps, seed=seed, kron_bias=kron_bias)
+    return _laplace_at(objective, problem.h_init, theta_init, at=at)
 
 
-def _laplace_at(objective, h, theta_init) -> LaplaceEvidence:
+def _laplace_at(objective, h, theta_init, at=None) -> LaplaceEvidence:
     problem, jitter = objective.problem, objective.jitter
+    if at is not None:
+        theta = problem.theta_at(at, h)
+        refuse_symmetric(problem, theta, h, "the point given (at=)")
+        return _evidence(objective, h, objective.evaluate(h, theta))
+    refuse_symmetric(problem, problem.theta_init if theta_init is None else torch.as_tensor(theta_init).to(problem.theta_init), h)
     if theta_init is not None:
         theta_init = torch.as_tensor(theta_init, dtype=problem.dtype, device=problem.device)
         if theta_init.shape != problem.theta_init.shape:
@@ -222,6 +312,12 @@ def _laplace_at(objective, h, theta_init) -> LaplaceEvidence:
             RuntimeWarning,
             stacklevel=3,
         )
+    return _evidence(objective, h, m)
+
+
+def _evidence(objective, h, m) -> LaplaceEvidence:
+    """The Laplace evidence at the inner point ``m`` (a :class:`~pyro_evidence.optim.Minimum`)."""
+    problem, jitter = objective.problem, objective.jitter
     theta = m.theta
     curv = objective.curvature
     jitter_effect = 0.0
@@ -239,6 +335,8 @@ def _laplace_at(objective, h, theta_init) -> LaplaceEvidence:
         log_det = 2 * pivots.log().sum()
         _warn_ill_conditioned(pivots)
         curvature = Curvature("exact", log_det, dense=H, source=curv, theta=theta, h=h)
+    elif isinstance(m.curvature, Curvature) and m.curvature.theta is theta:
+        curvature = m.curvature  # the inner solve's last curvature is the one at the mode
     else:
         with torch.no_grad():
             curvature = curv.curvature(theta, h)
@@ -246,7 +344,7 @@ def _laplace_at(objective, h, theta_init) -> LaplaceEvidence:
     log_evidence = -m.loss + 0.5 * d * _LOG_2PI - 0.5 * curvature.log_det
     if jitter:
         warnings.warn(f"jitter={jitter:g} added to the Hessian changed the log evidence by {jitter_effect:.4g} nats "
-                      "(result.jitter_effect)", RuntimeWarning, stacklevel=3)
+                      "(result.jitter_effect)", RuntimeWarning, stacklevel=4)
     return LaplaceEvidence(
         log_evidence=log_evidence.detach(),
         map={k: v.detach() for k, v in problem.latent_values(theta, h).items()},
@@ -272,7 +370,7 @@ def _warn_ill_conditioned(pivots):
     kappa = float((pivots.max() / pivots.min()) ** 2)
     if kappa * torch.finfo(torch.float32).eps > 1e-3:
         warnings.warn(f"float32 with a Hessian of condition number ≥ {kappa:.2g}: round-off may move the log evidence by "
-                      f"~{kappa * torch.finfo(torch.float32).eps:.2g} nats; pass float64 data", RuntimeWarning, stacklevel=4)
+                      f"~{kappa * torch.finfo(torch.float32).eps:.2g} nats; pass float64 data", RuntimeWarning, stacklevel=5)
 
 
 def _jitter_effect(H, jitter):
@@ -312,11 +410,14 @@ def laplace_hypergradient(
     seed: int = 0,
     max_iter: int = 500,
     init_loc_fn=None,
+    kron_bias: str = "joint",
 ):
     """
     The total derivative ``d log p(y | h)/dh`` of the Laplace evidence in the curvature ``hessian`` at the
     param store's hyperparameters (unconstrained ``h``), through the mode: ``∂Q/∂h − (∂²L/∂h∂θ)ᵀ H⁻¹ ∂Q/∂θ``
-    with ``∂Q/∂θ = −½ ∂ log det C/∂θ`` kept.
+    with ``∂Q/∂θ = −½ ∂ log det C/∂θ`` kept. With a structured ``hessian`` (``ggn``, ``diag``, ``kron``) the
+    curvature ``C`` stands in for ``H`` in the implicit solve too (positive definite: a network's indefinite
+    Hessian away from a mode never enters), and no dense Hessian is formed.
 
     With ``logdet="slq"`` the result is Hutchinson's estimate and ``info["standard_error"]`` its standard
     error over the probes (``info["per_probe"]``: the ``m`` single-probe hypergradients, each through its own
@@ -326,29 +427,41 @@ def laplace_hypergradient(
     :returns: :class:`~pyro_evidence.hypergrad.implicit.Hypergradient`.
     """
     from ..hypergrad.implicit import IMPLICIT
-    from ..linalg import cg, dense_solve, hvp_operator, mixed_vjp
 
     if method not in ("ift-exact", "ift-cg"):
         raise ValueError(f"method must be 'ift-exact' or 'ift-cg', got {method!r}")
     problem = Problem(model, *args, model_kwargs=model_kwargs, require_hyperparameters=True, init_loc_fn=init_loc_fn)
     objective = LaplaceObjective(problem, jitter=jitter, max_iter=max_iter, hessian=hessian, logdet=logdet,
-                                 num_probes=num_probes, lanczos_steps=lanczos_steps, seed=seed)
+                                 num_probes=num_probes, lanczos_steps=lanczos_steps, seed=seed, kron_bias=kron_bias)
     h = problem.h_init
     m = objective.solve(h)
-    opts = {"hessian": m.hessian} if method == "ift-exact" else {}
+    curvature = objective.implicit_curvature(m, h)  # a structure stands in for H; None: H itself
+    if curvature is not None:
+        opts = {"solve": curvature.solve} if method == "ift-exact" else {"operator": curvature.matvec}
+    else:
+        opts = {"hessian": m.hessian} if method == "ift-exact" else {}
     hg = IMPLICIT[method](objective.inner_loss, objective.validation, m.theta, h, **opts)
     hg.info["converged_inner"] = m.converged
-    if logdet != "slq":
-        return hg
-    theta = m.theta
+    if logdet == "slq":
+        per_probe = _per_probe(objective, m, h, method, curvature)
+        hg.info["per_probe"] = per_probe
+        hg.info["standard_error"] = per_probe.std(0) / math.sqrt(per_probe.shape[0])
+    return hg
+
+
+def _per_probe(objective, m, h, method, curvature):
+    """The SLQ hypergradient once per probe, ``(m, dh)``, each through its own implicit solve."""
+    from ..linalg import cg, dense_solve, hvp_operator, mixed_vjp
+
+    theta, problem = m.theta, objective.problem
     g_theta, g_h = torch.func.jacrev(objective.validation_probes, argnums=(0, 1))(theta, h)  # (m, d), (m, dh)
-    if method == "ift-exact":
+    if curvature is not None:
+        V = torch.stack([curvature.solve(g) if method == "ift-exact" else cg(curvature.matvec, g, tol=1e-10).x
+                         for g in g_theta])
+    elif method == "ift-exact":
         H = m.hessian if m.hessian is not None else value_grad_hessian(lambda t: problem.loss(t, h), theta)[2]
         V = torch.stack([dense_solve(H, g) for g in g_theta])
     else:
         op = hvp_operator(objective.inner_loss, theta, h)
         V = torch.stack([cg(op, g, tol=1e-10).x for g in g_theta])
-    per_probe = torch.stack([gh - mixed_vjp(objective.inner_loss, theta, h, v) for gh, v in zip(g_h, V)])
-    hg.info["per_probe"] = per_probe
-    hg.info["standard_error"] = per_probe.std(0) / math.sqrt(per_probe.shape[0])
-    return hg
+    return torch.stack([gh - mixed_vjp(objective.inner_loss, theta, h, v) for gh, v in zip(g_h, V)])

@@ -71,7 +71,8 @@ class ObjectiveSpec:
 class Laplace(ObjectiveSpec):
     """The Laplace log evidence (:class:`~pyro_evidence.objectives.laplace.LaplaceObjective`):
     ``hessian`` (``"exact"``, ``"ggn"``, ``"diag"``, ``"kron"``), ``logdet`` (``"dense"``, ``"slq"``),
-    ``jitter``, ``num_probes``, ``lanczos_steps``, ``seed``."""
+    ``jitter``, ``num_probes``, ``lanczos_steps``, ``seed``, ``kron_bias`` (``"joint"``, ``"separate"``), ``refit``
+    and ``at`` (``refit=False, at=net``: the network held, ``h`` tuned post hoc)."""
 
     objective = LaplaceObjective
 

@@ -241,3 +241,57 @@ def test_integer_counts_give_the_evidence_of_float_counts():
     as_float = laplace_evidence(model, X, y).log_evidence
     as_int = laplace_evidence(model, X, y.long()).log_evidence  # lgamma(1 + y) was taken in float32: 2.9e-5 off
     assert float(as_int) == float(as_float)
+
+
+# --- at=: the evidence at a given point, no inner solve -------------------------------------------------------
+
+
+def test_at_evaluates_the_evidence_at_the_point_given_without_a_solve():
+    """Off the mode: ``−L(w) + d/2 log 2π − ½ log det(βXᵀX + αI)`` and ``‖∇L(w)‖ = ‖βXᵀ(Xw − y) + αw‖``."""
+    X, y = diabetes()
+    set_params(prior_precision=2.0, noise_precision=0.5)
+    w = torch.linspace(-3, 3, X.shape[1], dtype=torch.float64)
+    r = laplace_evidence(linear_regression, X, y, at=w)
+    H = 0.5 * X.T @ X + 2.0 * torch.eye(X.shape[1], dtype=torch.float64)
+    half, two = (torch.tensor(v, dtype=torch.float64) for v in (0.5, 2.0))  # python floats would make float32 laws
+    loss = -(torch.distributions.Normal(X @ w, half.rsqrt()).log_prob(y).sum()
+             + torch.distributions.Normal(0.0, two.rsqrt()).log_prob(w).sum())
+    assert_close(r.log_evidence, -loss + 0.5 * w.numel() * LOG_2PI - 0.5 * torch.logdet(H), rtol=1e-12)
+    assert_close(r.grad_norm, (0.5 * X.T @ (X @ w - y) + 2.0 * w).norm(), rtol=1e-10)
+    assert not r.converged and torch.equal(r.theta, w)
+    # at the mode, as {site: value}: the solved evidence, converged
+    solved = laplace_evidence(linear_regression, X, y)
+    there = laplace_evidence(linear_regression, X, y, at=solved.map)
+    assert_close(there.log_evidence, solved.log_evidence, rtol=1e-12)
+    assert there.converged and there.grad_norm < 1e-9
+
+
+def test_at_takes_a_trained_module_and_names_what_does_not_fit():
+    X, y = diabetes()
+    d = X.shape[1]
+
+    def model(X, y=None):
+        a = pyro.param("a", torch.tensor(1.0, dtype=torch.float64), constraint=constraints.positive)
+        w = pyro.sample("fc.weight", dist.Normal(0.0, a.rsqrt()).expand([1, d]).to_event(2))
+        b = pyro.sample("fc.bias", dist.Normal(0.0, a.rsqrt()).expand([1]).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            return pyro.sample("y", dist.Normal((X @ w.T + b).squeeze(-1), 50.0), obs=y)
+
+    pyro.clear_param_store()
+    net = torch.nn.Sequential()
+    net.fc = torch.nn.Linear(d, 1).double()
+    by_module = laplace_evidence(model, X, y, at=net)
+    by_dict = laplace_evidence(model, X, y, at={"fc.weight": net.fc.weight, "fc.bias": net.fc.bias})
+    assert_close(by_module.log_evidence, by_dict.log_evidence, rtol=0, atol=0)
+    assert_close(by_module.map["fc.weight"], net.fc.weight.detach(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"missing \['fc.bias'\]"):
+        laplace_evidence(model, X, y, at={"fc.weight": net.fc.weight})
+    with pytest.raises(ValueError, match=r"at\['fc.bias'\] has shape \(2,\)"):
+        laplace_evidence(model, X, y, at={"fc.weight": net.fc.weight, "fc.bias": torch.zeros(2)})
+    net.extra = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match=r"matching no site: \['extra.bias', 'extra.weight'\]"):
+        laplace_evidence(model, X, y, at=net)
+    with pytest.raises(ValueError, match="not both"):
+        laplace_evidence(model, X, y, at=by_dict.theta, theta_init=by_dict.theta)
+    with pytest.raises(ValueError, match=r"at= has shape \(3,\)"):
+        laplace_evidence(model, X, y, at=torch.zeros(3))

@@ -536,6 +536,8 @@ def _stationarity(obj, theta, h, max_iter=100, max_dim=2000):
     iterations); NaN where it cannot be computed, where CG does not reach its tolerance, and above
     ``max_dim`` inner parameters, where CG would rarely get there in its budget (measured on the
     MNIST MLP: 100 iterations cost as much as the whole search and ended short)."""
+    if obj.holds_theta:  # θ held: dQ/dh is the partial derivative, no solve
+        return float(partial_hypergradient(obj.validation, theta, h).grad.abs().max())
     if theta.numel() > max_dim:
         return math.nan
     tol = torch.finfo(theta.dtype).eps ** 0.5

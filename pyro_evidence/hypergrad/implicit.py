@@ -71,7 +71,7 @@ def _partials(validation, theta, h):
 
 def partial_hypergradient(validation, theta, h) -> Hypergradient:
     """``dQ/dh = ∂Q/∂h`` where ``θ`` does not depend on ``h`` (held fixed)."""
-    value, _, g_h = _partials(validation, theta, h)
+    g_h, value = grad_and_value(validation, argnums=1)(theta, h)  # θ a constant: nothing differentiates in it
     return Hypergradient(value.detach(), g_h.detach(), g_h.detach(), {"held": True})
 
 

@@ -359,6 +359,7 @@ class LaplaceCurvature:
         self.problem, self.structure, self.logdet, self.jitter = problem, structure, logdet, jitter
         self.num_probes, self.lanczos_steps, self.seed = num_probes, lanczos_steps, seed
         self.kron_bias = kron_bias
+        self._held = None  # [θ, statistics] at a held θ (hold)
         self._setup_done = False
 
     # --- the functional pieces -------------------------------------------------------------------------------
@@ -516,10 +517,33 @@ class LaplaceCurvature:
         eye = torch.eye(d, dtype=theta.dtype, device=theta.device)
         return torch.cat([op(eye[i : i + CHUNK]) for i in range(0, d, CHUNK)]) if d else eye
 
+    def hold(self, theta, h):
+        """Post-hoc tuning at a held ``θ``: where the observed laws' parameters do not move with ``h`` (a
+        classifier's logits; not a regression's noise scale), each layer's statistics are computed once at ``θ``
+        and reused for every ``h``; the prior's curvature, which moves with ``h``, is recomputed."""
+        self._held = None
+        if self.structure not in ("diag", "kron"):
+            return
+        self._meta()
+        other = h + 0.5 * torch.ones_like(h)
+        first, second = (self._laws(theta, x)[:2] for x in (h, other))
+        if all(torch.equal(a, b) for a, b in zip(first[0], second[0])) and \
+                all(torch.equal(a, b) for x, y in zip(first[1], second[1]) for a, b in zip(x, y)):
+            self._held = [theta.detach().clone(), None]
+
     def _layer_stats(self, theta, h):
         """Per layer: the input with a 1 appended where it has a bias (``(N, in')``) and the output gradients
         of the ``Λ^{½}``-weighted outputs (``(C, N, out)``), by one batched backward pass over the ``C`` columns
-        of ``Λ^{½}`` of a row (rows are independent, so each column serves all rows at once)."""
+        of ``Λ^{½}`` of a row (rows are independent, so each column serves all rows at once); at a held ``θ``
+        (:meth:`hold`) once."""
+        held = self._held  # (derivatives in θ are never taken at a held θ: the statistics are constants there)
+        if held is None or not torch.equal(held[0], theta):
+            return self._compute_layer_stats(theta, h)
+        if held[1] is None:
+            held[1] = {k: tuple(x.detach() for x in v) for k, v in self._compute_layer_stats(theta, h).items()}
+        return held[1]
+
+    def _compute_layer_stats(self, theta, h):
         n = self.problem.num_data
         probes = {l.weight: torch.zeros(self.out_shapes[l.weight], dtype=theta.dtype, device=theta.device) for l in self.layers}
 

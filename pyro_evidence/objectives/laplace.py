@@ -66,7 +66,7 @@ class LaplaceObjective(Objective):
             raise TypeError(f"refit must be True or False, got {refit!r}")
         if at is not None and refit:
             raise ValueError("at= holds the network fixed: it goes with refit=False (with refit=True every h has its own mode)")
-        self.jitter, self.refit = jitter, refit
+        self.jitter, self.refit, self._holding = jitter, refit, False
         self.held = None if at is None else problem.theta_at(at)
         self.curvature = LaplaceCurvature(problem, hessian, logdet, jitter=jitter, num_probes=num_probes,
                                         lanczos_steps=lanczos_steps, seed=seed, kron_bias=kron_bias)
@@ -98,6 +98,9 @@ class LaplaceObjective(Objective):
         if self.held is None:  # the mode at the first hyperparameters asked for, held from then on
             refuse_symmetric(self.problem, self.problem.theta_init if theta0 is None else theta0, h)
             self.held = super().solve(h, theta0).theta
+        if not self._holding:
+            self.curvature.hold(self.held, h.detach())
+            self._holding = True
         return self.evaluate(h, self.held)
 
     def implicit_curvature(self, m, h):

@@ -505,10 +505,14 @@ def test_at_is_the_selection_objective_at_the_point_given(hessian, kron_bias):
 
 
 @pytest.mark.parametrize("kron_bias", ["joint", "separate"])
-def test_post_hoc_tuning_holds_the_network_and_reaches_the_maximum_of_its_evidence(kron_bias):
-    """``Laplace(hessian="kron", refit=False, at=θ)``: ``θ`` never moves, and the selection is the maximum of
-    ``Q(θ, h)`` over ``h`` that scipy's L-BFGS-B finds from the same start."""
+def test_post_hoc_tuning_holds_the_network_and_reaches_the_maximum_of_its_evidence(kron_bias, monkeypatch):
+    """``Laplace(hessian="kron", refit=False, at=θ)``: ``θ`` never moves, the layers' statistics are computed once
+    (a classifier's logits do not move with ``h``), and the selection is the maximum of ``Q(θ, h)`` over ``h`` that
+    scipy's L-BFGS-B finds from the same start."""
     import scipy.optimize
+
+    computed, real = [], LaplaceCurvature._compute_layer_stats
+    monkeypatch.setattr(LaplaceCurvature, "_compute_layer_stats", lambda self, *a: computed.append(1) or real(self, *a))
 
     X, y = _classes(n=60)
     pyro.clear_param_store()
@@ -516,6 +520,7 @@ def test_post_hoc_tuning_holds_the_network_and_reaches_the_maximum_of_its_eviden
     theta = 0.5 * torch.randn(problem.theta_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
     spec = pe.Laplace(hessian="kron", kron_bias=kron_bias, refit=False, at=theta)
     sel = pe.select_hyperparameters(mlp_classifier, X, y, model_kwargs=MLP, objective=spec, progress=False)
+    once = len(computed)
     objective = LaplaceObjective(problem, hessian="kron", kron_bias=kron_bias)
 
     def negative(z):
@@ -525,8 +530,26 @@ def test_post_hoc_tuning_holds_the_network_and_reaches_the_maximum_of_its_eviden
 
     best = scipy.optimize.minimize(negative, problem.h_init.numpy(), jac=True, method="L-BFGS-B",
                                    options={"gtol": 1e-12, "ftol": 1e-15})
-    assert sel.converged and torch.equal(sel.theta, theta)
+    assert sel.converged and torch.equal(sel.theta, theta) and len(sel.history) > 3 and once == 1
     assert_close(sel.objective, -best.fun, rtol=1e-10)
     assert_close(sel.h, torch.as_tensor(best.x), rtol=1e-4)
     with pytest.raises(ValueError, match="goes with refit=False"):
         LaplaceObjective(problem, hessian="kron", at=theta)
+
+
+def test_statistics_are_not_held_where_the_likelihood_moves_with_h():
+    """A regression's noise precision is a hyperparameter: its Fisher ``β`` weights the K-FAC factors, so they are
+    recomputed at every ``h`` even with ``θ`` held, and ``Q`` is the closed form at that ``θ``."""
+    X, y = _data()
+    pyro.clear_param_store()
+    problem = Problem(linear_regression, X, y)
+    theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    objective = LaplaceObjective(problem, hessian="kron", refit=False, at=theta)
+    objective.solve(problem.h_init)
+    assert objective.curvature._held is None
+    h = torch.tensor([0.4, -0.3], dtype=torch.float64)  # log α, log β
+    alpha, beta = h.exp()
+    C = beta * X.T @ X + alpha * torch.eye(3, dtype=torch.float64)
+    log_joint = (torch.distributions.Normal(X @ theta, beta.rsqrt()).log_prob(y).sum()
+                 + torch.distributions.Normal(torch.zeros(3, dtype=torch.float64), alpha.rsqrt()).log_prob(theta).sum())
+    assert_close(objective.validation(theta, h), log_joint + 1.5 * LOG_2PI - 0.5 * torch.logdet(C), rtol=1e-12)

@@ -359,7 +359,7 @@ class LaplaceCurvature:
         self.problem, self.structure, self.logdet, self.jitter = problem, structure, logdet, jitter
         self.num_probes, self.lanczos_steps, self.seed = num_probes, lanczos_steps, seed
         self.kron_bias = kron_bias
-        self._held = None  # [θ, statistics] at a held θ (hold)
+        self._held = None  # {"theta": θ, …} at a held θ (hold)
         self._setup_done = False
 
     # --- the functional pieces -------------------------------------------------------------------------------
@@ -529,21 +529,17 @@ class LaplaceCurvature:
         first, second = (self._laws(theta, x)[:2] for x in (h, other))
         if all(torch.equal(a, b) for a, b in zip(first[0], second[0])) and \
                 all(torch.equal(a, b) for x, y in zip(first[1], second[1]) for a, b in zip(x, y)):
-            self._held = [theta.detach().clone(), None]
+            self._held = {"theta": theta.detach().clone()}  # and what _held_or computes there once
+
+    def _factor_eigenvalues(self, block, theta):
+        """The eigenvalues of a block's factors; at a held ``θ`` (:meth:`hold`) the factors are constants, so once."""
+        return self._held_or(("eig", block.weight, block.bias), theta,
+                             lambda: [(torch.linalg.eigvalsh(block.A), torch.linalg.eigvalsh(block.B))])[0]
 
     def _layer_stats(self, theta, h):
         """Per layer: the input with a 1 appended where it has a bias (``(N, in')``) and the output gradients
         of the ``Λ^{½}``-weighted outputs (``(C, N, out)``), by one batched backward pass over the ``C`` columns
-        of ``Λ^{½}`` of a row (rows are independent, so each column serves all rows at once); at a held ``θ``
-        (:meth:`hold`) once."""
-        held = self._held  # (derivatives in θ are never taken at a held θ: the statistics are constants there)
-        if held is None or not torch.equal(held[0], theta):
-            return self._compute_layer_stats(theta, h)
-        if held[1] is None:
-            held[1] = {k: tuple(x.detach() for x in v) for k, v in self._compute_layer_stats(theta, h).items()}
-        return held[1]
-
-    def _compute_layer_stats(self, theta, h):
+        of ``Λ^{½}`` of a row (rows are independent, so each column serves all rows at once)."""
         n = self.problem.num_data
         probes = {l.weight: torch.zeros(self.out_shapes[l.weight], dtype=theta.dtype, device=theta.device) for l in self.layers}
 
@@ -621,9 +617,11 @@ class LaplaceCurvature:
     def diagonal(self, theta, h):
         """``diag(JᵀΛJ) + diag(∇²R)`` exactly, layers by their per-row output gradients."""
         self._meta()
-        d = theta.shape[-1]
         diag = self.prior_diagonal(theta, h)  # the prior's Hessian is diagonal (checked)
-        ggn = theta.new_zeros(d)
+        return diag + self._held_or("ggn diagonal", theta, lambda: self._ggn_diagonal(theta, h))
+
+    def _ggn_diagonal(self, theta, h):
+        ggn = theta.new_zeros(theta.shape[-1])
         site = self.problem.latent_by_name
         for l, (a, g) in zip(self.layers, self._layer_stats(theta, h).values()):
             s2 = (g * g).sum(0)  # (N, out)
@@ -631,8 +629,7 @@ class LaplaceCurvature:
                 a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
             block = (a * a).T @ s2  # (in', out)
             ggn = _place(ggn, site, l, block)
-        ggn = ggn.index_put((self.other,), self._other_diagonal(theta, h, self.other)) if self.other.numel() else ggn
-        return diag + ggn
+        return ggn.index_put((self.other,), self._other_diagonal(theta, h, self.other)) if self.other.numel() else ggn
 
     def kron(self, theta, h):
         """Kronecker blocks per layer and the exact diagonal elsewhere."""
@@ -641,9 +638,7 @@ class LaplaceCurvature:
         prior = self.prior_diagonal(theta, h)
         site = self.problem.latent_by_name
         blocks = []
-        for l, (a, g) in zip(self.layers, self._layer_stats(theta, h).values()):
-            A = a.T @ a
-            B = torch.einsum("cni,cnj->ij", g, g) / n
+        for l, (A, B) in zip(self.layers, self._held_or("factors", theta, lambda: self._factors(theta, h))):
             delta = prior[site[l.weight].slice].mean()
             if l.bias is None or self.kron_bias == "joint":
                 blocks.append(KronBlock(l.weight, l.bias, A, B, delta, l.transposed))
@@ -651,8 +646,24 @@ class LaplaceCurvature:
             blocks.append(KronBlock(l.weight, None, A, B, delta, l.transposed))
             ones = torch.full((1, 1), float(n), dtype=A.dtype, device=A.device)
             blocks.append(KronBlock(None, l.bias, ones, B, prior[site[l.bias].slice].mean()))
-        other = prior[self.other] + self._other_diagonal(theta, h, self.other)
+        other = prior[self.other] + self._held_or("other", theta, lambda: self._other_diagonal(theta, h, self.other))
         return blocks, other
+
+    def _factors(self, theta, h):
+        """Per layer ``(A, B)``: ``A = Σ_n ā_n ā_nᵀ`` and ``B = (1/N) Σ_n Σ_c g_nc g_ncᵀ``."""
+        n = self.problem.num_data
+        return [(a.T @ a, torch.einsum("cni,cnj->ij", g, g) / n) for a, g in self._layer_stats(theta, h).values()]
+
+    def _held_or(self, key, theta, compute):
+        """``compute()``, or at a held ``θ`` (:meth:`hold`) its value computed once: there the observed laws, and
+        so every statistic of the layers, are constants in ``h``."""
+        held = self._held
+        if held is None or not torch.equal(held["theta"], theta):
+            return compute()
+        if key not in held:
+            value = compute()
+            held[key] = [tuple(x.detach() for x in v) for v in value] if isinstance(value, list) else value.detach()
+        return held[key]
 
     # --- the curvature and its log det -----------------------------------------------------------------------
     def log_det(self, theta, h):
@@ -680,7 +691,7 @@ class LaplaceCurvature:
         _check_positive(other, "diagonal outside the Kronecker blocks")
         total = other.log().sum()
         for b in blocks:
-            lam, mu = torch.linalg.eigvalsh(b.A), torch.linalg.eigvalsh(b.B)
+            lam, mu = self._factor_eigenvalues(b, theta)
             eig = lam.clamp(min=0).unsqueeze(1) * mu.clamp(min=0).unsqueeze(0) + b.delta + j
             _check_positive(eig, f"Kronecker block of {b.weight or b.bias!r} (its prior precision must be > 0)")
             total = total + eig.log().sum()

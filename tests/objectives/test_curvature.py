@@ -511,8 +511,8 @@ def test_post_hoc_tuning_holds_the_network_and_reaches_the_maximum_of_its_eviden
     scipy's L-BFGS-B finds from the same start."""
     import scipy.optimize
 
-    computed, real = [], LaplaceCurvature._compute_layer_stats
-    monkeypatch.setattr(LaplaceCurvature, "_compute_layer_stats", lambda self, *a: computed.append(1) or real(self, *a))
+    computed, real = [], LaplaceCurvature._layer_stats
+    monkeypatch.setattr(LaplaceCurvature, "_layer_stats", lambda self, *a: computed.append(1) or real(self, *a))
 
     X, y = _classes(n=60)
     pyro.clear_param_store()

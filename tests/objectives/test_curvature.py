@@ -553,3 +553,26 @@ def test_statistics_are_not_held_where_the_likelihood_moves_with_h():
     log_joint = (torch.distributions.Normal(X @ theta, beta.rsqrt()).log_prob(y).sum()
                  + torch.distributions.Normal(torch.zeros(3, dtype=torch.float64), alpha.rsqrt()).log_prob(theta).sum())
     assert_close(objective.validation(theta, h), log_joint + 1.5 * LOG_2PI - 0.5 * torch.logdet(C), rtol=1e-12)
+
+
+def test_the_prior_curvature_runs_on_one_row_only_where_the_prior_does_not_read_the_data():
+    """``R`` (priors, Jacobians) is evaluated on the first row alone when that gives the same function; a prior
+    scaled by the data keeps all of it, and its diagonal is still the one of the full data."""
+    X, y = _data(n=30)
+
+    def scaled(X, y=None):
+        a = pyro.param("a", torch.tensor(1.0, dtype=torch.float64), constraint=constraints.positive)
+        w = pyro.sample("w", dist.Normal(0.0, (a * X.pow(2).mean(0)).rsqrt()).to_event(1))  # reads every row
+        with pyro.plate("data", X.shape[0]):
+            return pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
+
+    for model, cut in ((linear_regression, True), (scaled, False)):
+        pyro.clear_param_store()
+        problem = Problem(model, X, y)
+        curv = LaplaceCurvature(problem, "diag")
+        curv.setup()
+        assert (curv._one_row is not None) == cut
+        theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+        expected = torch.func.hessian(lambda t: curv.split(t, problem.h_init)[2])(theta).diagonal()  # all the rows
+        assert_close(curv.prior_diagonal(theta, problem.h_init), expected, rtol=1e-12)
+    assert_close(expected, X.pow(2).mean(0), rtol=1e-12)  # a = 1

@@ -550,6 +550,16 @@ class LaplaceCurvature:
                 all(torch.equal(a, b) for x, y in zip(first[1], second[1]) for a, b in zip(x, y)):
             self._held = {"theta": theta.detach().clone()}  # and what _held_or computes there once
 
+    def loss(self, theta, h):
+        """``L(θ, h)``; at a held ``θ`` (:meth:`hold`) the likelihood's part, a constant in ``h`` there, once, and
+        ``R`` on one row: no step of a post-hoc tuning runs the network on the data."""
+        held = self._held
+        if held is None or not torch.equal(held["theta"], theta):
+            return self.problem.loss(theta, h)
+        if "likelihood" not in held:
+            held["likelihood"] = (self.problem.loss(theta, h) - self.rest(theta, h)).detach()
+        return held["likelihood"] + self.rest(theta, h)
+
     def _factor_eigenvalues(self, block, theta):
         """The eigenvalues of a block's factors; at a held ``θ`` (:meth:`hold`) the factors are constants, so once."""
         return self._held_or(("eig", block.weight, block.bias), theta,

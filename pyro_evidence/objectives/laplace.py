@@ -145,7 +145,7 @@ class LaplaceObjective(Objective):
             H, loss = hessian_and_value(self.problem.loss, theta, h)
             half_log_det = cholesky(H, self.jitter).diagonal().log().sum()
             return -loss + 0.5 * theta.shape[-1] * _LOG_2PI - half_log_det
-        return -self.problem.loss(theta, h) + 0.5 * theta.shape[-1] * _LOG_2PI - 0.5 * c.log_det(theta, h)
+        return -c.loss(theta, h) + 0.5 * theta.shape[-1] * _LOG_2PI - 0.5 * c.log_det(theta, h)
 
     def validation_probes(self, theta, h):
         """``logdet="slq"``: ``Q`` once per probe, ``(m,)`` — their mean is :meth:`validation`, and the spread of

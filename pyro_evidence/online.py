@@ -225,13 +225,17 @@ def _epoch(problem, theta, h, opt, batch, rng):
 def _hyper_round(obj, theta, h, opt, steps):
     """``steps`` Adam steps of ``h`` up ``Q(θ, h)`` at the current ``θ``; ``(Q, hyperparameters, max |∂Q/∂h|)`` after
     them."""
-    t = theta.detach()
-    for _ in range(steps):
-        opt.zero_grad()
-        q = obj.validation(t, h)
-        (-q).backward()
-        opt.step()
-    value, g = _value_and_grad(obj, t, h.detach())
+    t = theta.detach().clone()
+    obj.curvature.hold(t, h.detach())  # θ is fixed for the round: the factors once, not once per step
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            q = obj.validation(t, h)
+            (-q).backward()
+            opt.step()
+        value, g = _value_and_grad(obj, t, h.detach())
+    finally:
+        obj.curvature.hold(None, h)
     params = {k: v.detach().clone() for k, v in obj.problem.params(h.detach()).items()}
     return value, params, g
 

@@ -360,6 +360,7 @@ class LaplaceCurvature:
         self.num_probes, self.lanczos_steps, self.seed = num_probes, lanczos_steps, seed
         self.kron_bias = kron_bias
         self._held = None  # {"theta": θ, …} at a held θ (hold)
+        self._laws_move = None  # whether the observed laws' parameters depend on h (hold asks once)
         self._setup_done = False
 
     # --- the functional pieces -------------------------------------------------------------------------------
@@ -537,17 +538,20 @@ class LaplaceCurvature:
         return torch.cat([op(eye[i : i + CHUNK]) for i in range(0, d, CHUNK)]) if d else eye
 
     def hold(self, theta, h):
-        """Post-hoc tuning at a held ``θ``: where the observed laws' parameters do not move with ``h`` (a
-        classifier's logits; not a regression's noise scale), each layer's statistics are computed once at ``θ``
-        and reused for every ``h``; the prior's curvature, which moves with ``h``, is recomputed."""
+        """Post-hoc tuning at a held ``θ`` (and each round of hyperparameter steps of the online route): where the
+        observed laws' parameters do not move with ``h`` (a classifier's logits; not a regression's noise scale),
+        each layer's statistics are computed once at ``θ`` and reused for every ``h``; the prior's curvature, which
+        moves with ``h``, is recomputed. ``hold(None, h)`` lets go."""
         self._held = None
-        if self.structure not in ("diag", "kron"):
+        if theta is None or self.structure not in ("diag", "kron") or self._laws_move is True:
             return
-        self._meta()
-        other = h + 0.5 * torch.ones_like(h)
-        first, second = (self._laws(theta, x)[:2] for x in (h, other))
-        if all(torch.equal(a, b) for a, b in zip(first[0], second[0])) and \
-                all(torch.equal(a, b) for x, y in zip(first[1], second[1]) for a, b in zip(x, y)):
+        if self._laws_move is None:  # whether the laws read h is the model's structure: asked once
+            self._meta()
+            other = h + 0.5 * torch.ones_like(h)
+            first, second = (self._laws(theta, x)[:2] for x in (h, other))
+            self._laws_move = not (all(torch.equal(a, b) for a, b in zip(first[0], second[0])) and
+                                   all(torch.equal(a, b) for x, y in zip(first[1], second[1]) for a, b in zip(x, y)))
+        if not self._laws_move:
             self._held = {"theta": theta.detach().clone()}  # and what _held_or computes there once
 
     def loss(self, theta, h):
@@ -583,7 +587,8 @@ class LaplaceCurvature:
         checks = [(l, "inputs", inputs[l.weight]) for l in self.layers]
         checks += [(l, "output gradients", grads[l.weight]) for l in reversed(self.layers)]
         for l, what, x in checks:
-            if not bool(torch.isfinite(x).all()):
+            # one reduction: a NaN or an infinity anywhere makes the sum non-finite (counted only then)
+            if not bool(torch.isfinite(x.sum())) and bool((~torch.isfinite(x)).any()):
                 raise FloatingPointError(
                     f"the curvature of layer {l.weight!r} is not finite: its {what} hold {int((~torch.isfinite(x)).sum())} "
                     "non-finite values at these parameters (an exploding activation or logit; check the layer's scale "
@@ -681,7 +686,11 @@ class LaplaceCurvature:
     def _factors(self, theta, h):
         """Per layer ``(A, B)``: ``A = Σ_n ā_n ā_nᵀ`` and ``B = (1/N) Σ_n Σ_c g_nc g_ncᵀ``."""
         n = self.problem.num_data
-        return [(a.T @ a, torch.einsum("cni,cnj->ij", g, g) / n) for a, g in self._layer_stats(theta, h).values()]
+        factors = []
+        for a, g in self._layer_stats(theta, h).values():
+            g = g.reshape(-1, g.shape[-1])  # (C·N, out): Σ_n Σ_c g_nc g_ncᵀ is one matrix product
+            factors.append((a.T @ a, g.T @ g / n))
+        return factors
 
     def _held_or(self, key, theta, compute):
         """``compute()``, or at a held ``θ`` (:meth:`hold`) its value computed once: there the observed laws, and
@@ -855,9 +864,9 @@ def symmetric_layer(problem, theta, h):
     unit of such a layer gets the same gradient, so no inner solve can tell them apart: it ends at a saddle with a
     zero gradient, which would read as converged."""
     watch = _Watch()
-    problem.trace(theta, h, handlers=(watch,))
+    trace, _ = problem.trace(theta, h, handlers=(watch,))
     layers = [name for name, count in watch.uses.items() if count == 1]
-    values = problem.latent_values(theta, h)
+    values = {s.name: trace.nodes[s.name]["value"] for s in problem.latents}
     for name in layers[:-1]:  # the last layer's units are the outputs, told apart by the data
         w = values[name]
         if w.dim() != 2:

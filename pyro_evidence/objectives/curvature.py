@@ -361,6 +361,7 @@ class LaplaceCurvature:
         self.kron_bias = kron_bias
         self._held = None  # {"theta": θ, …} at a held θ (hold)
         self._laws_move = None  # whether the observed laws' parameters depend on h (hold asks once)
+        self._one_row = None  # the data cut to one row, where R on it is R (setup finds out)
         self._setup_done = False
 
     # --- the functional pieces -------------------------------------------------------------------------------
@@ -394,7 +395,7 @@ class LaplaceCurvature:
         """``R(θ, h)``: on the first row of the data alone where that is verified to give the same function (a
         prior that does not read the data: every derivative of ``R`` then costs a one-row run, not an ``N``-row
         one)."""
-        return self.split(theta, h, args=getattr(self, "_one_row", None))[2]
+        return self.split(theta, h, args=self._one_row)[2]
 
     def _find_one_row(self, theta, h):
         """The data cut to their first row, where ``R`` on them equals ``R`` on all of it at two points (a prior

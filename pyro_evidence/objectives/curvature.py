@@ -562,8 +562,13 @@ class LaplaceCurvature:
         if held is None or not torch.equal(held["theta"], theta):
             return self.problem.loss(theta, h)
         if "likelihood" not in held:
-            held["likelihood"] = (self.problem.loss(theta, h) - self.rest(theta, h)).detach()
-        return held["likelihood"] + self.rest(theta, h)
+            with torch.enable_grad():
+                t = held["theta"].clone().requires_grad_(True)
+                part = self.problem.loss(t, h.detach()) - self.rest(t, h.detach())
+                (grad,) = torch.autograd.grad(part, t)
+            held["likelihood"], held["likelihood gradient"] = part.detach(), grad
+        # the constant's value and its gradient at the held θ (what ‖∇_θ L‖ there needs), no network run
+        return held["likelihood"] + torch.dot(held["likelihood gradient"], theta - held["theta"]) + self.rest(theta, h)
 
     def _factor_eigenvalues(self, block, theta):
         """The eigenvalues of a block's factors; at a held ``θ`` (:meth:`hold`) the factors are constants, so once."""

@@ -27,6 +27,7 @@ import pyro.distributions as dist
 import torch
 
 from ..linalg import NotPositiveDefiniteError, cholesky, hessian_and_value, value_grad_hessian
+from ..optim import at_point
 from ..problem import Problem
 from .base import Objective
 from .curvature import Curvature, LaplaceCurvature, refuse_symmetric
@@ -101,7 +102,8 @@ class LaplaceObjective(Objective):
         if not self._holding:
             self.curvature.hold(self.held, h.detach())
             self._holding = True
-        return self.evaluate(h, self.held)
+        h = h.detach()
+        return at_point(lambda t: self.curvature.loss(t, h), self.held, self.tol)  # L by its held parts
 
     def implicit_curvature(self, m, h):
         """With a structured ``hessian``, that curvature at the mode: implicit solves use it (positive definite, so

@@ -535,6 +535,12 @@ def test_post_hoc_tuning_holds_the_network_and_reaches_the_maximum_of_its_eviden
     assert_close(sel.h, torch.as_tensor(best.x), rtol=1e-4)
     with pytest.raises(ValueError, match="goes with refit=False"):
         LaplaceObjective(problem, hessian="kron", at=theta)
+    # at the held network, L and ‖∇_θ L‖ come from its held parts: those of the model run on all the data
+    held = LaplaceObjective(problem, hessian="kron", kron_bias=kron_bias, refit=False, at=theta)
+    for h in (problem.h_init, torch.as_tensor(best.x)):
+        m = held.solve(h)
+        assert_close(m.loss, problem.loss(theta, h), rtol=1e-12)
+        assert_close(m.grad_norm, torch.func.grad(problem.loss)(theta, h).norm(), rtol=1e-10)
 
 
 def test_statistics_are_not_held_where_the_likelihood_moves_with_h():

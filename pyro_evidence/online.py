@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, CheckpointLock, check_path
+from .hypergrad.implicit import partial_hypergradient
 from .objectives.curvature import refuse_symmetric
 from .objectives.laplace import LaplaceObjective
 from .objectives.spec import Laplace, as_objective
@@ -241,10 +242,9 @@ def _hyper_round(obj, theta, h, opt, steps):
 
 
 def _value_and_grad(obj, theta, h):
-    hh = h.detach().clone().requires_grad_(True)
-    q = obj.validation(theta, hh)
-    (g,) = torch.autograd.grad(q, hh)
-    return float(q.detach()), float(g.abs().max()) if g.numel() else 0.0
+    """``Q(θ, h)`` and ``max |∂Q/∂h|`` at a ``θ`` held."""
+    hg = partial_hypergradient(obj.validation, theta, h.detach())
+    return float(hg.value), float(hg.grad.abs().max()) if hg.grad.numel() else 0.0
 
 
 def _result(obj, theta, h, state, tol):
